@@ -1,0 +1,92 @@
+"""The ``megatron-dsv3`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megatron_dsv3.errors import ConfigError
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B" if not unit else "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:g}{unit}"
+
+
+def cmd_info(ns: argparse.Namespace) -> int:
+    from megatron_dsv3.accounting import count
+    from megatron_dsv3.presets import get_preset
+
+    preset = get_preset(ns.preset)
+    counts = count(preset)
+    if ns.json:
+        print(json.dumps({"preset": preset.name, **counts.to_dict()}, indent=2))
+        return 0
+    rows = [
+        ("preset", f"{preset.name}: {preset.description}"),
+        ("total parameters", f"{_human(counts.total_params)} ({counts.total_params:,})"),
+        ("activated per token", f"{_human(counts.active_params)} ({counts.active_params:,})"),
+        ("MTP parameters", f"{_human(counts.mtp_params)} ({counts.mtp_params:,}), depth {preset.mtp_num_layers}"),
+        ("KV cache per token", f"{counts.kv_cache_bytes_per_token:,} bytes (BF16, MLA latent + rope key)"),
+        ("training FLOPs per token", f"{_human(counts.flops_per_token, 'FLOP')} at seq {preset.seq_length}"
+         f" (+{_human(counts.mtp_flops_per_token, 'FLOP')} for MTP)"),
+        ("layers", f"{preset.num_layers} ({preset.first_k_dense} dense, {preset.num_moe_layers} MoE)"),
+        ("experts", f"{preset.num_routed_experts} routed + {preset.num_shared_experts} shared,"
+         f" top-{preset.moe_router_topk}, {preset.score_function} scores"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_changes(ns: argparse.Namespace) -> int:
+    from megatron_dsv3.runtime.registry import all_changes, render_markdown
+
+    if ns.markdown:
+        sys.stdout.write(render_markdown())
+        return 0
+    for change in all_changes():
+        first = change.reason.split("\n")[0]
+        print(f"[{change.group}] {change.name}: {first}")
+        print(f"    replaces {', '.join(change.targets)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_dsv3 import __version__
+    from megatron_dsv3.presets import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="megatron-dsv3",
+        description="DeepSeek-V3 on Megatron-Core: presets, recipes, launch and training.",
+    )
+    parser.add_argument("--version", action="version", version=f"megatron-dsv3 {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="parameter, KV-cache and FLOP counts of a model preset")
+    p.add_argument("preset", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("changes", help="list every run-time change the plugin makes to Megatron")
+    p.add_argument("--markdown", action="store_true", help="print docs/megatron-changes.md")
+    p.set_defaults(func=cmd_changes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ConfigError as err:
+        print(f"megatron-dsv3: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Run-time changes that let Megatron-Core train on CPU with the gloo backend (group ``cpu``).
+
+Megatron-Core 0.19 assumes CUDA in hundreds of places: tensors allocated with
+``device=torch.cuda.current_device()`` or ``device="cuda"``, CUDA streams, events and NVTX ranges,
+the CUDA RNG behind its model-parallel RNG tracker.  Rather than patch each site, CPU mode gives
+PyTorch CPU stand-ins for the CUDA calls Megatron makes, and a handful of Megatron functions get
+targeted replacements where a CPU stand-in cannot express the fix.  See ``../shared/FACTS.md``,
+"Megatron-Core on CPU", for the list of obstacles these remove.
+
+These are only ever applied by :func:`megatron_dsv3.cpu.enable_cpu_mode`, which refuses to run
+when a GPU is visible, so a GPU run never sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import types
+
+import torch
+
+from megatron_dsv3.runtime.registry import megatron_change, original, replace, replace_attribute
+
+_CPU = torch.device("cpu")
+
+
+def _cpu_device(device):
+    """Map any CUDA device designation (``"cuda"``, ``"cuda:1"``, ``0``, ``torch.device``) to CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _CPU
+    if isinstance(device, str):
+        return _CPU if device.startswith("cuda") else device
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    return device
+
+
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "rand", "randn", "randint",
+    "randperm", "eye", "linspace", "empty_strided", "empty_like", "zeros_like", "ones_like",
+    "full_like", "rand_like", "randn_like",
+)
+
+
+_TENSOR_FACTORIES = ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor")
+
+
+def _factory_on_cpu(fn):
+    @functools.wraps(fn)
+    def factory(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return fn(*args, **kwargs)
+
+    return factory
+
+
+@megatron_change(
+    group="cpu",
+    targets=[f"torch.{name}" for name in _FACTORIES]
+    + [f"torch.Tensor.{name}" for name in _TENSOR_FACTORIES]
+    + ["torch.Tensor.to", "torch.Tensor.cuda", "torch.Tensor.pin_memory", "torch.Tensor.record_stream"],
+    versions="megatron-core 0.19.x (every version so far allocates on CUDA explicitly)",
+    fixed_upstream_when="Megatron-Core allocates with the device of its inputs or a configurable "
+    "default device instead of torch.cuda.current_device() / device='cuda'",
+)
+def cuda_tensors_land_on_cpu():
+    """Tensors that Megatron creates or moves to a CUDA device are created on the CPU instead.
+
+    Megatron allocates with ``device=torch.cuda.current_device()`` or ``device="cuda"`` throughout
+    (causal masks, pipeline buffers, token counts, router statistics) and calls ``.cuda()``,
+    ``pin_memory()`` and ``record_stream()``.  The tensor factories and these ``Tensor`` methods
+    map a CUDA device to the CPU; pinning and stream recording become no-ops.
+    """
+    for name in _FACTORIES:
+        replace(f"torch.{name}", _factory_on_cpu(original(f"torch.{name}")))
+
+    to = original("torch.Tensor.to")
+
+    def tensor_to(self, *args, **kwargs):
+        if args and not isinstance(args[0], (torch.dtype, torch.Tensor)):
+            args = (_cpu_device(args[0]),) + args[1:]
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return to(self, *args, **kwargs)
+
+    replace("torch.Tensor.to", tensor_to)
+    for name in _TENSOR_FACTORIES:
+        replace(f"torch.Tensor.{name}", _factory_on_cpu(original(f"torch.Tensor.{name}")))
+    replace("torch.Tensor.cuda", lambda self, *args, **kwargs: self)
+    replace("torch.Tensor.pin_memory", lambda self, *args, **kwargs: self)
+    replace("torch.Tensor.record_stream", lambda self, *args, **kwargs: None)
+
+
+class _Stream:
+    """Stands in for ``torch.cuda.Stream``: CPU work is already ordered, so every call is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _Event()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Event:
+    """Stands in for ``torch.cuda.Event``; ``elapsed_time`` reports wall-clock milliseconds."""
+
+    def __init__(self, *args, **kwargs):
+        self._time = None
+
+    def record(self, *args, **kwargs):
+        import time
+
+        self._time = time.perf_counter()
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, end):
+        return 1000.0 * ((end._time or 0.0) - (self._time or 0.0))
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def _zero(*args, **kwargs):
+    return 0
+
+
+_NO_DEVICE = types.SimpleNamespace(
+    name="cpu (megatron-dsv3 CPU mode)", major=0, minor=0, total_memory=0, multi_processor_count=0
+)
+
+_CUDA_STAND_INS = {
+    "get_device_properties": lambda *a, **k: _NO_DEVICE,
+    "get_device_capability": lambda *a, **k: (0, 0),
+    "get_device_name": lambda *a, **k: _NO_DEVICE.name,
+    "current_device": _zero,
+    "set_device": _noop,
+    "synchronize": _noop,
+    "empty_cache": _noop,
+    "Stream": _Stream,
+    "Event": _Event,
+    "current_stream": lambda *a, **k: _Stream(),
+    "default_stream": lambda *a, **k: _Stream(),
+    "stream": lambda *a, **k: contextlib.nullcontext(),
+    "set_stream": _noop,
+    "is_current_stream_capturing": lambda: False,
+    "memory_allocated": _zero,
+    "max_memory_allocated": _zero,
+    "memory_reserved": _zero,
+    "max_memory_reserved": _zero,
+    "reset_peak_memory_stats": _noop,
+    "reset_max_memory_allocated": _noop,
+    "memory_stats": lambda *a, **k: {},
+    "nvtx.range_push": _noop,
+    "nvtx.range_pop": _noop,
+    "nvtx.range": lambda *a, **k: contextlib.nullcontext(),
+    "nvtx.mark": _noop,
+}
+
+
+@megatron_change(
+    group="cpu",
+    targets=[f"torch.cuda.{name}" for name in _CUDA_STAND_INS],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="Megatron-Core guards its stream, event, NVTX and memory-statistics calls "
+    "with torch.cuda.is_available()",
+)
+def cuda_runtime_calls_become_cpu_no_ops():
+    """CUDA runtime calls that have no meaning on a CPU become no-ops or CPU stand-ins.
+
+    ``torch.cuda.current_device()`` answers 0 (which the tensor factories then map to the CPU),
+    device properties describe a device of compute capability 0.0 with no memory,
+    ``set_device``/``synchronize``/``empty_cache`` do nothing, ``Stream`` and ``Event`` are CPU
+    stand-ins (events time with the wall clock), NVTX ranges are empty and memory statistics read
+    0.  The token dispatchers, the combined-1F1B overlap schedule and the training loop call
+    these unconditionally.  ``torch.cuda.is_available()`` still answers False.
+    """
+    for name, stand_in in _CUDA_STAND_INS.items():
+        replace(f"torch.cuda.{name}", stand_in)
+
+
+@megatron_change(
+    group="cpu",
+    targets=[
+        "torch.cuda.get_rng_state",
+        "torch.cuda.set_rng_state",
+        "torch.cuda.manual_seed",
+        "torch.cuda.manual_seed_all",
+        "megatron.core.tensor_parallel.random._get_cuda_rng_state",
+        "megatron.core.tensor_parallel.random._set_cuda_rng_state",
+        "logging.getLogger('megatron.core.tensor_parallel.random').filters",
+    ],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="megatron/core/tensor_parallel/random.py's CudaRNGStatesTracker accepts "
+    "a CPU generator",
+)
+def cuda_rng_is_the_cpu_generator():
+    """Megatron's model-parallel RNG tracker forks the CPU generator instead of the CUDA one.
+
+    ``model_parallel_cuda_manual_seed`` and ``CudaRNGStatesTracker.fork`` save, seed and restore
+    the CUDA generator; dropout and initialisation inside a fork then draw from the tracker's
+    stream.  On CPU those ops draw from the CPU generator, so the tracker swaps that one: the
+    semantics (distinct streams per tensor-parallel rank, restored afterwards) are unchanged.
+    """
+    replace("torch.cuda.get_rng_state", lambda device="cuda": torch.get_rng_state())
+    replace("torch.cuda.set_rng_state", lambda state, device="cuda": torch.set_rng_state(state))
+    replace("torch.cuda.manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all after seeding the CPU generator.
+    replace("torch.cuda.manual_seed_all", _noop)
+    replace(
+        "megatron.core.tensor_parallel.random._get_cuda_rng_state",
+        lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state(),
+    )
+    replace(
+        "megatron.core.tensor_parallel.random._set_cuda_rng_state",
+        lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state),
+    )
+    # fork() warns when the CPU generator moves inside a fork; here that is the forked generator.
+    logger = logging.getLogger("megatron.core.tensor_parallel.random")
+    replace_attribute(
+        logger, "filters", logger.filters + [_DropForkWarning()], label="tensor_parallel.random logger"
+    )
+
+
+class _DropForkWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+@megatron_change(
+    group="cpu",
+    targets=["torch.distributed.all_to_all_single"],
+    versions="megatron-core 0.19.x with torch <= 2.14 (gloo)",
+    fixed_upstream_when="gloo's all_to_all_single accepts split sizes given as tensors",
+)
+def gloo_all_to_all_takes_split_lists():
+    """Split sizes given to ``all_to_all_single`` as tensors become Python lists.
+
+    Megatron's all-to-all token dispatcher passes the per-rank token counts of expert parallelism
+    as tensors (NCCL accepts them); the gloo backend needs lists of ints.
+    """
+    all_to_all_single = original("torch.distributed.all_to_all_single")
+
+    def all_to_all_single_with_lists(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        if isinstance(output_split_sizes, torch.Tensor):
+            output_split_sizes = output_split_sizes.tolist()
+        if isinstance(input_split_sizes, torch.Tensor):
+            input_split_sizes = input_split_sizes.tolist()
+        return all_to_all_single(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
+
+    replace("torch.distributed.all_to_all_single", all_to_all_single_with_lists)

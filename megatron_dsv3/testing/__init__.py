@@ -1,0 +1,1 @@
+"""Test and benchmark harness: multi-process gloo runs and Megatron training steps on CPU."""

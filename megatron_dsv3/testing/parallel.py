@@ -1,0 +1,264 @@
+"""One training step of a preset under any parallel layout, with Megatron-Core's own machinery.
+
+The pieces the parallel-equivalence tests need, run inside each process of
+:func:`megatron_dsv3.testing.distributed.run_distributed`:
+
+* :func:`init_parallel`: CPU mode, gloo, Megatron's parallel state and RNG;
+* :func:`build_chunks`: the model chunks this rank holds (virtual stages), wrapped in Megatron's DDP;
+* :func:`save_weights` / :func:`load_weights`: Megatron's distributed checkpoint, which maps every
+  parameter between layouts (a single-process reference and a TP/EP/PP/VPP run share one file);
+* :func:`train_step`: Megatron's pipeline schedule (``get_forward_backward_func``) and
+  ``finalize_model_grads`` over a fixed global batch, optionally followed by an optimizer step;
+* :func:`save_gradients`: the gradients, resharded to full tensors through the same checkpoint
+  format, so they compare one to one with the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import torch
+
+from megatron_dsv3.megatron_args import ParallelLayout
+from megatron_dsv3.presets import ModelPreset, get_preset
+
+
+def init_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
+    from megatron_dsv3.cpu import enable_cpu_mode
+
+    enable_cpu_mode()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    world = torch.distributed.get_world_size()
+    if world != layout.world_size:
+        raise ValueError(f"layout needs {layout.world_size} processes, got {world}")
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def build_chunks(
+    preset: ModelPreset | str,
+    layout: ParallelLayout,
+    *,
+    extra_args: tuple[str, ...] = (),
+    ddp: bool = True,
+):
+    """``(config, args, chunks)``: this rank's model chunks for ``preset`` under ``layout``.
+
+    The arguments go through Megatron's own parser (``megatron_dsv3.config``); fp32 and no dropout
+    unless ``extra_args`` say otherwise.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from megatron_dsv3.config import megatron_argv, parse_megatron_args
+    from megatron_dsv3.model import build_gpt_model
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    argv = megatron_argv(preset, layout, backend="local", cpu=True, extra=list(extra_args))
+    args = parse_megatron_args(argv)
+    config = core_transformer_config_from_args(args)
+    chunks = []
+    for vp_stage in range(layout.vpp or 1):
+        model = build_gpt_model(
+            config,
+            vocab_size=args.padded_vocab_size or args.vocab_size,
+            seq_length=args.seq_length,
+            vp_stage=vp_stage if layout.vpp else None,
+        )
+        if ddp:
+            model = DistributedDataParallel(
+                config,
+                DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
+                model,
+            )
+        chunks.append(model)
+    if ddp:
+        config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+    return config, args, chunks
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def _sharded_state_dict(chunks):
+    """One sharded state dict over all chunks.
+
+    The checkpoint stores each tensor under its global key (``ShardedTensor.key``); the dict keys
+    are the chunks' local names, which repeat across virtual stages, hence the chunk prefix.
+    """
+    merged = {}
+    for index, chunk in enumerate(chunks):
+        for name, item in _unwrap(chunk).sharded_state_dict().items():
+            merged[f"chunk{index}.{name}"] = item
+    return merged
+
+
+def save_weights(chunks, directory: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(directory, exist_ok=True)
+    dist_checkpointing.save(_sharded_state_dict(chunks), directory)
+
+
+def _split_by_chunk(state: dict, num_chunks: int) -> list[dict]:
+    per_chunk = [{} for _ in range(num_chunks)]
+    for key, value in state.items():
+        prefix, name = key.split(".", 1)
+        per_chunk[int(prefix[len("chunk"):])][name] = value
+    return per_chunk
+
+
+def load_weights(chunks, directory: str) -> None:
+    # One collective load for all chunks: the checkpoint validates that every tensor has a main
+    # replica among the ranks taking part, which only holds across all virtual stages together.
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(_sharded_state_dict(chunks), directory)
+    for chunk, chunk_state in zip(chunks, _split_by_chunk(state, len(chunks))):
+        _unwrap(chunk).load_state_dict(chunk_state, strict=True)
+
+
+def _grad_of(param):
+    grad = getattr(param, "main_grad", None)
+    return grad if grad is not None else param.grad
+
+
+def save_gradients(chunks, directory: str) -> None:
+    """The gradients of all parameters, written as a checkpoint of full (unsharded) tensors."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    params = {id(p): p for chunk in chunks for p in _unwrap(chunk).parameters()}
+    grads = {}
+    for key, item in _sharded_state_dict(chunks).items():
+        if isinstance(item, (ShardedTensor, ShardedTensorFactory)) and id(item.data) in params:
+            grad = _grad_of(params[id(item.data)])
+            item.data = grad.detach().to(torch.float32).view_as(item.data)
+            grads[key] = item
+    os.makedirs(directory, exist_ok=True)
+    dist_checkpointing.save(grads, directory)
+
+
+def load_gradients(chunks, directory: str) -> dict[str, torch.Tensor]:
+    """Gradients saved by :func:`save_gradients`, by parameter name (``chunk<i>.<name>``)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    params = {id(p) for chunk in chunks for p in _unwrap(chunk).parameters()}
+    sharded = {
+        k: v
+        for k, v in _sharded_state_dict(chunks).items()
+        if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and id(v.data) in params
+    }
+    for v in sharded.values():
+        v.data = torch.empty_like(v.data, dtype=torch.float32)
+    return dist_checkpointing.load(sharded, directory)
+
+
+def fixed_tokens(preset: ModelPreset | str, num_sequences: int, seed: int = 0, skew: float = 0.0):
+    """``num_sequences`` random sequences of ``seq_length + 1`` tokens, the same on every rank.
+
+    ``skew`` > 0 draws tokens from a Zipf-like distribution (a few tokens dominate), which makes
+    routing unbalanced.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_sequences, preset.seq_length + 1)
+    if skew <= 0:
+        return torch.randint(0, preset.vocab_size, shape, generator=g)
+    weights = 1.0 / torch.arange(1, preset.vocab_size + 1, dtype=torch.float64) ** skew
+    return torch.multinomial(weights, shape[0] * shape[1], replacement=True, generator=g).view(shape)
+
+
+def _microbatches(tokens: torch.Tensor, micro_batch_size: int):
+    for start in range(0, tokens.shape[0], micro_batch_size):
+        seq = tokens[start : start + micro_batch_size]
+        inputs, labels = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+        yield {
+            "tokens": inputs,
+            "labels": labels,
+            "position_ids": torch.arange(inputs.shape[1]).expand_as(inputs).contiguous(),
+            "loss_mask": torch.ones_like(labels, dtype=torch.float32),
+        }
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        None,
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
+    return output, partial(_loss, batch["loss_mask"])
+
+
+def _loss(loss_mask, output_tensor):
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), num_tokens.detach().float()])}
+
+
+def data_parallel_slice(tokens: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a global batch (contiguous blocks per data-parallel rank)."""
+    from megatron.core import parallel_state
+
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    per_rank = tokens.shape[0] // dp
+    return tokens[rank * per_rank : (rank + 1) * per_rank]
+
+
+def train_step(chunks, config, tokens: torch.Tensor, micro_batch_size: int, optimizer=None) -> dict:
+    """Forward and backward over this rank's share of ``tokens``; gradients end up finalized.
+
+    Returns ``{"loss_sum", "tokens"}`` summed over this rank's micro-batches (zero off the last
+    pipeline stage and on tensor-parallel ranks other than 0, so that summing over ranks counts each
+    token once), plus the optimizer's outcome when one is given.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    local = data_parallel_slice(tokens)
+    num_microbatches = local.shape[0] // micro_batch_size
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    if optimizer is not None:
+        optimizer.zero_grad()
+    iterators = [iter(list(_microbatches(local, micro_batch_size))) for _ in chunks]
+    forward_backward = get_forward_backward_func()
+    reports = forward_backward(
+        forward_step_func=_forward_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=local.shape[1] - 1,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    counted = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    loss_sum = sum(float(r["lm loss"][0]) for r in reports) if counted else 0.0
+    ntok = sum(float(r["lm loss"][1]) for r in reports) if counted else 0.0
+    result = {"loss_sum": loss_sum, "tokens": ntok}
+    if optimizer is not None:
+        update_successful, grad_norm, _ = optimizer.step()
+        result.update(update_successful=update_successful, grad_norm=grad_norm)
+    return result
