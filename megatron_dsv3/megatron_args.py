@@ -41,6 +41,9 @@ def model_args(preset: ModelPreset) -> list[str]:
         "--max-position-embeddings", p.seq_length,
         "--vocab-size", p.vocab_size,
         "--init-method-std", p.init_method_std,
+        # DeepSeek-V3 trains without dropout (Megatron's defaults are 0.1).
+        "--hidden-dropout", 0,
+        "--attention-dropout", 0,
         "--normalization", "RMSNorm",
         "--norm-epsilon", p.norm_epsilon,
         "--swiglu",
@@ -127,6 +130,8 @@ class ParallelLayout:
     cp: int = 1
     dp: int = 1
     sp: bool = False
+    # Megatron's --pipeline-model-parallel-layout, e.g. "Et*3|(tt|)*29,m|L" (uneven stages).
+    layout: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -144,6 +149,8 @@ class ParallelLayout:
             args += ["--num-virtual-stages-per-pipeline-rank", self.vpp]
         if self.sp:
             args += ["--sequence-parallel"]
+        if self.layout:
+            args += ["--pipeline-model-parallel-layout", self.layout]
         return [str(a) for a in args]
 
 

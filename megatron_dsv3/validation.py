@@ -121,7 +121,7 @@ def validate_layout(p: ModelPreset, layout: ParallelLayout) -> None:
         )
     stages = layout.pp * (layout.vpp or 1)
     _require(
-        p.num_layers % stages == 0,
+        layout.layout is not None or p.num_layers % stages == 0,
         f"parallel.pp x vpp = {stages} pipeline stages do not divide model.num_layers={p.num_layers}",
         f"choose pp x vpp among the divisors of {p.num_layers} ({_divisors(p.num_layers)}), or give an"
         " explicit parallel.layout",

@@ -16,9 +16,6 @@ from megatron_dsv3.megatron_args import ParallelLayout
 from megatron_dsv3.testing import parallel
 from megatron_dsv3.testing.distributed import run_distributed
 
-_FP32_NO_DROPOUT = ("--hidden-dropout", "0", "--attention-dropout", "0")
-
-
 def _run(workdir, name, layout, preset, tokens, micro_batch_size, extra_args, reference):
     parallel.init_parallel(layout)
     _, _, chunks = parallel.build_chunks(preset, layout, extra_args=extra_args)
@@ -74,7 +71,7 @@ def compare_layouts(
     extra_args: tuple[str, ...] = (),
 ) -> dict:
     """Loss and gradient errors of each layout against the single-process reference."""
-    extra = _FP32_NO_DROPOUT + tuple(extra_args)
+    extra = tuple(extra_args)
     tokens = parallel.fixed_tokens(preset, global_batch, seed=seed)
     ref = run_distributed(_run, 1, workdir, "reference", ParallelLayout(), preset, tokens,
                           micro_batch_size, extra, True)[0]

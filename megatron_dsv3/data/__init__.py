@@ -1,0 +1,1 @@
+"""The embedded default data set: a small real-text corpus and its tokenizer."""

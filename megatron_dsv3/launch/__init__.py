@@ -1,0 +1,1 @@
+"""Wiring into unmodified Megatron-LM: ``--spec dsv3``, the plugin's options, the start-up hook."""

@@ -1,0 +1,1 @@
+"""The ``dsv3`` layer spec (Megatron ``ModuleSpec`` trees) and its two backends."""

@@ -1,0 +1,1 @@
+"""The main job: ``megatron-dsv3 train`` on Megatron's own training loop."""
