@@ -56,6 +56,27 @@ def cmd_changes(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hook(ns: argparse.Namespace) -> int:
+    from megatron_dsv3.launch import hook
+
+    if ns.action == "install":
+        print(f"installed {hook.install()}")
+    elif ns.action == "uninstall":
+        print("removed" if hook.uninstall() else "not installed", hook.pth_path())
+    else:
+        for key, value in hook.status().items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_specs(ns: argparse.Namespace) -> int:
+    from megatron_dsv3.launch.specs import registered_specs
+
+    for name, target in sorted(registered_specs().items()):
+        print(f"{name}  ->  {target}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_dsv3 import __version__
     from megatron_dsv3.presets import PRESETS
@@ -75,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("changes", help="list every run-time change the plugin makes to Megatron")
     p.add_argument("--markdown", action="store_true", help="print docs/megatron-changes.md")
     p.set_defaults(func=cmd_changes)
+
+    p = sub.add_parser("specs", help="list the spec names `--spec NAME` accepts")
+    p.set_defaults(func=cmd_specs)
+
+    p = sub.add_parser("hook", help="the start-up hook that wires --spec dsv3 into Megatron-LM")
+    p.add_argument("action", choices=["status", "install", "uninstall"], nargs="?", default="status")
+    p.set_defaults(func=cmd_hook)
     return parser
 
 

@@ -162,6 +162,7 @@ _NO_DEVICE = types.SimpleNamespace(
 )
 
 _CUDA_STAND_INS = {
+    "device_count": lambda *a, **k: 1,
     "get_device_properties": lambda *a, **k: _NO_DEVICE,
     "get_device_capability": lambda *a, **k: (0, 0),
     "get_device_name": lambda *a, **k: _NO_DEVICE.name,
@@ -200,7 +201,9 @@ _CUDA_STAND_INS = {
 def cuda_runtime_calls_become_cpu_no_ops():
     """CUDA runtime calls that have no meaning on a CPU become no-ops or CPU stand-ins.
 
-    ``torch.cuda.current_device()`` answers 0 (which the tensor factories then map to the CPU),
+    Each process sees one device: ``torch.cuda.device_count()`` answers 1 (Megatron's training
+    loop only builds its parallel groups and seeds its model-parallel RNG when it is positive) and
+    ``torch.cuda.current_device()`` answers 0 (which the tensor factories then map to the CPU);
     device properties describe a device of compute capability 0.0 with no memory,
     ``set_device``/``synchronize``/``empty_cache`` do nothing, ``Stream`` and ``Event`` are CPU
     stand-ins (events time with the wall clock), NVTX ranges are empty and memory statistics read
@@ -281,3 +284,63 @@ def gloo_all_to_all_takes_split_lists():
         return all_to_all_single(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
 
     replace("torch.distributed.all_to_all_single", all_to_all_single_with_lists)
+
+
+@megatron_change(
+    group="cpu",
+    targets=["megatron.training.training.initialize_megatron"],
+    versions="megatron-core 0.19.x (megatron/training)",
+    fixed_upstream_when="pretrain() lets a caller pass allow_no_cuda to initialize_megatron",
+)
+def training_loop_initializes_without_cuda():
+    """Megatron's training loop initialises on a machine without CUDA.
+
+    ``pretrain`` calls ``initialize_megatron()``, which asserts ``torch.cuda.is_available()``
+    unless ``allow_no_cuda=True`` is passed; the replacement passes it.
+    """
+    initialize_megatron = original("megatron.training.training.initialize_megatron")
+
+    def initialize_megatron_without_cuda(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        return initialize_megatron(*args, **kwargs)
+
+    replace("megatron.training.training.initialize_megatron", initialize_megatron_without_cuda)
+
+
+@megatron_change(
+    group="cpu",
+    targets=[
+        "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
+        "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
+    ],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="clip_grad_by_total_norm_fp32 checks the dtype (float32) rather than the "
+    "legacy type string 'torch.cuda.FloatTensor'",
+)
+def gradient_clipping_accepts_cpu_tensors():
+    """Gradient clipping accepts fp32 gradients on the CPU.
+
+    ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'`` and scales
+    with a CUDA overflow buffer.  The replacement checks for fp32 and multiplies each gradient by
+    ``min(1, max_norm / (total_norm + 1e-6))``: the same arithmetic.
+    """
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+        for grad in grads:
+            if grad.dtype not in (torch.float32, torch.bfloat16):
+                raise TypeError(f"gradient clipping expects fp32/bf16 gradients, got {grad.dtype}")
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if isinstance(coeff, torch.Tensor):
+            coeff = coeff.clamp_max(1.0)
+        elif coeff >= 1.0:
+            return
+        with torch.no_grad():
+            for grad in grads:
+                grad.mul_(coeff)
+
+    replace("megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
+    replace("megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)

@@ -1,1 +1,139 @@
-"""Run-time changes applied when Megatron's training code is imported (group ``launch``)."""
+"""Run-time changes that make stock Megatron-LM take ``--spec dsv3`` (group ``launch``).
+
+Applied by :func:`megatron_dsv3.launch.activate`, from the start-up hook when
+``megatron.training`` is imported or from the explicit patch in ``patches/``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from megatron_dsv3.runtime.registry import megatron_change, original, replace
+
+_ARGUMENT_UTILS = "megatron.training.argument_utils"
+# Megatron-LM's top-level scripts that bind `import_module` at import time.
+_SCRIPTS = ("gpt_builders", "hybrid_builders")
+
+
+@megatron_change(
+    group="launch",
+    targets=[
+        "megatron.core.transformer.spec_utils.import_module",
+        "megatron.training.argument_utils.import_module",
+    ],
+    versions="megatron-core 0.19.x (every version with `--spec <module> <name>`)",
+    fixed_upstream_when="spec_utils.import_module accepts a single registered name and raises "
+    "instead of logging and returning None",
+)
+def spec_names_resolve_through_the_registry():
+    """``--spec`` accepts a registered name (``--spec dsv3``) and never falls back silently.
+
+    Stock Megatron does ``base_path, name = args.spec``, so a single token raises ValueError, and
+    when the import of a ``<module> <name>`` pair fails it logs an error and returns None, which
+    silently trains Megatron's default model instead.  The replacement resolves one token through
+    the spec registry (entry points ``megatron_dsv3.specs``), keeps the pair form, and raises an
+    error naming the registered specs on any failure.  ``ModuleSpec`` tuples that Megatron resolves
+    through the same function keep working.
+    """
+    targets = ["megatron.core.transformer.spec_utils.import_module", f"{_ARGUMENT_UTILS}.import_module"]
+    for name in _SCRIPTS:  # Megatron-LM's scripts, when they were imported before Megatron's training
+        if hasattr(sys.modules.get(name), "import_module"):
+            targets.append(f"{name}.import_module")
+    for target in targets:
+        replace(target, _registry_import_module())
+
+
+def _registry_import_module():
+    from megatron_dsv3.launch.specs import resolve_spec
+
+    def import_module(module_path):
+        return resolve_spec(module_path)
+
+    return import_module
+
+
+@megatron_change(
+    group="launch",
+    targets=[
+        "megatron.training.arguments.add_megatron_arguments",
+        "megatron.training.arguments.parse_args",
+    ],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="Megatron-LM offers a plugin hook for extra arguments (today only the "
+    "script's own extra_args_provider can add them)",
+)
+def plugin_options_join_megatron_parser():
+    """The plugin's options (group "megatron-dsv3") join Megatron's argument parser.
+
+    ``--dsv3-backend auto|transformer_engine|local`` and ``--dsv3-cpu`` are added to every parser
+    Megatron builds, so stock ``pretrain_gpt.py`` accepts them.  Right after parsing, and only when
+    ``--spec`` names a megatron-dsv3 spec or a ``--dsv3-*`` option was given, they take effect:
+    the backend sets ``--transformer-impl``, ``--dsv3-cpu`` enables CPU mode.
+    """
+    from megatron_dsv3.launch.arguments import add_dsv3_arguments, apply_dsv3_arguments
+    from megatron_dsv3.launch.specs import is_dsv3_spec
+
+    add_megatron_arguments = original("megatron.training.arguments.add_megatron_arguments")
+    parse_args = original("megatron.training.arguments.parse_args")
+
+    def add_megatron_arguments_and_dsv3(parser):
+        return add_dsv3_arguments(add_megatron_arguments(parser))
+
+    def parse_args_and_apply_dsv3(extra_args_provider=None, ignore_unknown_args=False):
+        args = parse_args(extra_args_provider, ignore_unknown_args)
+        explicit = getattr(args, "dsv3_cpu", False) or getattr(args, "dsv3_backend", "auto") != "auto"
+        if explicit or is_dsv3_spec(getattr(args, "spec", None)):
+            apply_dsv3_arguments(args)
+        return args
+
+    replace("megatron.training.arguments.add_megatron_arguments", add_megatron_arguments_and_dsv3)
+    replace("megatron.training.arguments.parse_args", parse_args_and_apply_dsv3)
+
+
+@megatron_change(
+    group="launch",
+    targets=["megatron.training.models.gpt.mtp_block_spec"],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="GPTModelBuilder builds the MTP block from the user's --spec",
+)
+def mtp_is_built_from_the_dsv3_spec():
+    """Multi-Token Prediction is built from the ``dsv3`` spec, not Megatron's default one.
+
+    Megatron 0.19's ``GPTModelBuilder`` rebuilds the MTP block from its default layer specs even
+    when ``--spec`` is given, which would give MTP the wrong attention and MoE modules (and, on
+    the local backend, Megatron's broken local MLA).  The ``dsv3`` block spec carries its own MTP
+    spec (``DSV3BlockSubmodules.mtp_block_spec``); any other spec keeps Megatron's behaviour.
+    """
+    mtp_block_spec = original("megatron.training.models.gpt.mtp_block_spec")
+
+    def mtp_block_spec_from_dsv3(config, transformer_layer_spec, vp_stage=None):
+        if hasattr(transformer_layer_spec, "mtp_block_spec"):
+            return transformer_layer_spec.mtp_block_spec
+        return mtp_block_spec(config, transformer_layer_spec, vp_stage=vp_stage)
+
+    replace("megatron.training.models.gpt.mtp_block_spec", mtp_block_spec_from_dsv3)
+
+
+@megatron_change(
+    group="launch",
+    targets=["megatron.core.datasets.utils.compile_helpers"],
+    versions="megatron-core 0.19.x wheels (they ship helpers_cpp prebuilt but no Makefile)",
+    fixed_upstream_when="initialize_megatron skips compiling when helpers_cpp already imports",
+)
+def prebuilt_dataset_helpers_are_used():
+    """The training loop uses the dataset helpers the megatron-core wheel ships prebuilt.
+
+    ``initialize_megatron`` runs ``make`` in ``megatron/core/datasets`` on rank 0 to build the C++
+    index helpers; the megatron-core wheel contains the compiled ``helpers_cpp`` module but no
+    Makefile, so ``make`` fails and Megatron exits.  The replacement skips ``make`` when
+    ``helpers_cpp`` imports and otherwise compiles as before (a Megatron-LM checkout).
+    """
+    compile_helpers = original("megatron.core.datasets.utils.compile_helpers")
+
+    def compile_helpers_unless_prebuilt():
+        try:
+            from megatron.core.datasets import helpers_cpp  # noqa: F401
+        except ImportError:
+            compile_helpers()
+
+    replace("megatron.core.datasets.utils.compile_helpers", compile_helpers_unless_prebuilt)

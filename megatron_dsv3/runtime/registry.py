@@ -109,6 +109,8 @@ def replace_attribute(owner: Any, attr: str, new: Any, *, label: str) -> Any:
     current = getattr(owner, attr)
     if getattr(current, _MARK, None) == label:
         return current.__wrapped_original__
+    if getattr(new, _MARK, label) != label:  # the same callable already stands in elsewhere
+        new = _alias(new)
     try:
         setattr(new, _MARK, label)
         setattr(new, "__wrapped_original__", current)
@@ -118,6 +120,15 @@ def replace_attribute(owner: Any, attr: str, new: Any, *, label: str) -> Any:
     if _CURRENT:
         _CURRENT[-1].originals.append((owner, attr, current))
     return current
+
+
+def _alias(fn: Callable) -> Callable:
+    def alias(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = getattr(fn, "__name__", "alias")
+    alias.__doc__ = fn.__doc__
+    return alias
 
 
 def apply(name: str) -> None:
@@ -164,7 +175,7 @@ def all_changes() -> list[MegatronChange]:
 
 def _load_definitions() -> None:
     # The definitions import nothing heavy at module level; Megatron is imported when applied.
-    from megatron_dsv3.runtime import cpu_changes, launch_changes, model_changes  # noqa: F401
+    from megatron_dsv3.runtime import cpu_changes, launch_changes, model_changes, train_changes  # noqa: F401
 
 
 def render_markdown() -> str:
@@ -181,7 +192,7 @@ def render_markdown() -> str:
         " run.",
         "",
     ]
-    for group in ("launch", "model", "cpu"):
+    for group in ("launch", "model", "cpu", "train"):
         changes = [c for c in all_changes() if c.group == group]
         lines += [f"## `{group}` ({len(changes)} changes)", ""]
         for c in changes:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_submodules,
-    get_gpt_mtp_block_spec_for_backend,
     get_mlp_module_spec_for_backend,
 )
 from megatron.core.transformer.enums import AttnMaskType, LayerType
@@ -28,7 +27,10 @@ from megatron.core.transformer.multi_latent_attention import (
     MLASelfAttention,
     MLASelfAttentionSubmodules,
 )
-from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlockSubmodules
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlockSubmodules,
+    get_mtp_layer_spec_for_backend,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -127,6 +129,27 @@ def stage_layer_ids(config, vp_stage: int | None = None, pp_rank: int | None = N
     return list(range(offset, offset + count))
 
 
+def mtp_on_stage(config, vp_stage: int | None = None, pp_rank: int | None = None) -> bool:
+    """Whether this stage holds the MTP modules: where the layout puts them, else the last stage.
+
+    Megatron's own helper (``get_mtp_num_layers_to_build``) ignores ``pp_rank`` and asks the
+    current process's parallel state; the spec takes the stage as given, so a stage can be built
+    for any rank (tests, other placements).
+    """
+    if not config.mtp_num_layers:
+        return False
+    layout = config.pipeline_model_parallel_layout
+    if pp_rank is None:
+        from megatron.core import parallel_state
+
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    if layout is not None:
+        return layout.layout[pp_rank][vp_stage or 0].count(LayerType.mtp) > 0
+    vp_size = config.virtual_pipeline_model_parallel_size
+    last_vp = vp_size is None or vp_stage is None or vp_stage == vp_size - 1
+    return pp_rank == config.pipeline_model_parallel_size - 1 and last_vp
+
+
 def dsv3_block_spec(config, vp_stage: int | None = None, pp_rank: int | None = None) -> DSV3BlockSubmodules:
     """The block spec for the layers this stage holds, and the MTP spec if MTP lives here."""
     config = getattr(config, "transformer", config)  # a GPTModelConfig wraps the TransformerConfig
@@ -138,14 +161,12 @@ def dsv3_block_spec(config, vp_stage: int | None = None, pp_rank: int | None = N
     # The MTP module's transformer block is a layer like the last decoder layer (an MoE layer in
     # DeepSeek-V3: the released weights store it as layer 61).
     mtp = None
-    if config.mtp_num_layers:
-        mtp = get_gpt_mtp_block_spec_for_backend(
-            config=config,
-            spec=moe if pattern[-1] else dense,
-            backend=spec_provider(backend),
-            vp_stage=vp_stage,
-            pp_rank=pp_rank,
+    if mtp_on_stage(config, vp_stage, pp_rank):
+        mtp_layer = get_mtp_layer_spec_for_backend(
+            mtp_model_layer_spec=moe if pattern[-1] else dense, backend=spec_provider(backend)
         )
+        count = 1 if config.mtp_use_repeated_layer else config.mtp_num_layers
+        mtp = MultiTokenPredictionBlockSubmodules(layer_specs=[mtp_layer] * count)
     return DSV3BlockSubmodules(
         layer_specs=layers,
         layer_norm=spec_provider(backend).layer_norm(rms_norm=True),

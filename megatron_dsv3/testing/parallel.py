@@ -262,3 +262,26 @@ def train_step(chunks, config, tokens: torch.Tensor, micro_batch_size: int, opti
         update_successful, grad_norm, _ = optimizer.step()
         result.update(update_successful=update_successful, grad_norm=grad_norm)
     return result
+
+
+def build_optimizer(chunks, *, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0):
+    """Megatron's Adam optimizer (fp32) over ``chunks``."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam", lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
+        adam_beta1=0.9, adam_beta2=0.95, bf16=False, fp16=False,
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+def mtp_loss_and_reset() -> float | None:
+    """The MTP loss Megatron tracked since the last call (None when MTP is off)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    values = MTPLossLoggingHelper.tracker.get("loss_values")
+    if values is None:
+        return None
+    value = float(values[0])
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+    return value
