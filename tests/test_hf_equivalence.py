@@ -1,0 +1,142 @@
+"""Our Megatron model computes what HuggingFace transformers' DeepseekV3 computes.
+
+An independent implementation of the whole architecture (MLA with decoupled RoPE or YaRN, the
+sigmoid router with expert bias and group limits, shared experts, dense first layers, RMSNorm):
+the same weights, mapped through ``megatron_dsv3.hf_mapping``, must give the same logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_dsv3 import hf_mapping
+from megatron_dsv3.presets import get_preset
+
+transformers = pytest.importorskip("transformers")
+
+TINY = get_preset("dsv3-tiny")
+
+
+def _hf_model(p):
+    """transformers' DeepseekV3 (sigmoid routing) or DeepseekV2 (softmax routing) for preset ``p``."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    common = _hf_common(p)
+    if p.score_function == "softmax":
+        config = DeepseekV2Config(**common, topk_method="greedy", n_group=None, topk_group=None)
+        return DeepseekV2ForCausalLM(config).eval()
+    config = DeepseekV3Config(**common, n_group=p.num_groups, topk_group=p.group_topk,
+                              rope_interleave=True, num_mtp_layers=0)
+    return DeepseekV3ForCausalLM(config).eval()
+
+
+def _hf_common(p) -> dict:
+    rope = {"rope_type": "default", "rope_theta": p.rope_theta}
+    if p.rope_type == "yarn":
+        rope = {
+            "rope_type": "yarn", "rope_theta": p.rope_theta, "factor": p.yarn_factor,
+            "original_max_position_embeddings": p.yarn_original_max_position,
+            "beta_fast": p.yarn_beta_fast, "beta_slow": p.yarn_beta_slow,
+            "mscale": p.yarn_mscale, "mscale_all_dim": p.yarn_mscale_all_dim,
+        }
+    return dict(
+        vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.ffn_hidden_size,
+        moe_intermediate_size=p.moe_ffn_hidden_size, num_hidden_layers=p.num_layers,
+        num_attention_heads=p.num_attention_heads, num_key_value_heads=p.num_attention_heads,
+        n_shared_experts=p.num_shared_experts, n_routed_experts=p.num_routed_experts,
+        routed_scaling_factor=p.route_scale, kv_lora_rank=p.kv_lora_rank, q_lora_rank=p.q_lora_rank,
+        qk_rope_head_dim=p.qk_rope_head_dim, v_head_dim=p.v_head_dim, qk_nope_head_dim=p.qk_nope_head_dim,
+        num_experts_per_tok=p.moe_router_topk, first_k_dense_replace=p.first_k_dense,
+        norm_topk_prob=p.normalize_topk, max_position_embeddings=p.seq_length,
+        rms_norm_eps=p.norm_epsilon, rope_parameters=rope, tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+
+
+def _hf_checkpoint_tensors(model) -> dict[str, torch.Tensor]:
+    """transformers 5 packs experts into 3-D tensors; released checkpoints name each expert."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            for e, w in enumerate(tensor):
+                gate, up = w.chunk(2, dim=0)
+                state[f"{prefix}{e}.gate_proj.weight"], state[f"{prefix}{e}.up_proj.weight"] = gate, up
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e, w in enumerate(tensor):
+                state[f"{prefix}{e}.down_proj.weight"] = w
+        else:
+            state[name] = tensor
+    return state
+
+
+def _megatron_model(p):
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from megatron_dsv3.config import megatron_argv, parse_megatron_args
+    from megatron_dsv3.model import build_gpt_model
+
+    config = core_transformer_config_from_args(parse_megatron_args(megatron_argv(p, cpu=True)))
+    return build_gpt_model(config, vocab_size=p.vocab_size, seq_length=p.seq_length).eval()
+
+
+def _randomize(hf_model, seed: int) -> None:
+    """Random weights everywhere (norm weights and expert biases too, so their mapping matters)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(hf_model.named_parameters()) + list(hf_model.named_buffers()):
+            if t.dtype.is_floating_point and "inv_freq" not in name:
+                if name.endswith("norm.weight"):
+                    t.copy_(1 + 0.1 * torch.randn(t.shape, generator=g))
+                elif name.endswith("e_score_correction_bias"):
+                    t.copy_(0.05 * torch.randn(t.shape, generator=g))
+                else:
+                    t.copy_(0.05 * torch.randn(t.shape, generator=g))
+
+
+@pytest.mark.parametrize(
+    "preset",
+    [
+        TINY,
+        TINY.with_overrides(rope_type="yarn", yarn_factor=40.0, yarn_mscale=1.0, yarn_mscale_all_dim=1.0),
+        # DeepSeek-V2-Lite style (against transformers' DeepseekV2): no query compression, softmax
+        # gates without renormalisation, two shared experts, no expert bias.
+        TINY.with_overrides(q_lora_rank=None, score_function="softmax", normalize_topk=False,
+                            expert_bias=False, num_groups=1, group_topk=1, route_scale=1.0,
+                            num_shared_experts=2),
+    ],
+    ids=["dsv3-tiny", "dsv3-tiny-yarn", "v2-lite-style"],
+)
+def test_logits_match_transformers_deepseek(preset, megatron_single_process):
+    torch.manual_seed(0)
+    hf_model = _hf_model(preset)
+    _randomize(hf_model, seed=1)
+    model = _megatron_model(preset)
+    state = hf_mapping.hf_to_megatron(_hf_checkpoint_tensors(hf_model), preset)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected
+    assert all(k.endswith("_extra_state") or "local_tokens_per_expert" in k or k.startswith("mtp.") for k in missing), missing
+
+    tokens = torch.randint(0, preset.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf_model(tokens).logits
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        got = model(tokens, positions, None)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
+
+
+def test_checkpoint_mapping_round_trips_bit_identically():
+    p = get_preset("dsv3-tiny")
+    g = torch.Generator().manual_seed(0)
+    hf = {}
+    for m in hf_mapping.name_table(p, include_mtp=True):
+        for name in m.hf:
+            shape = (p.num_attention_heads * p.qk_head_dim, 8) if "q_b_proj" in name else (
+                (p.kv_lora_rank + p.qk_rope_head_dim, 8) if "kv_a_proj" in name else (6, 8))
+            hf[name] = torch.randn(shape, generator=g)
+    back = hf_mapping.megatron_to_hf(hf_mapping.hf_to_megatron(hf, p, include_mtp=True), p, include_mtp=True)
+    assert back.keys() == hf.keys()
+    assert all(torch.equal(back[k], hf[k]) for k in hf)
