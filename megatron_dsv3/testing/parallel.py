@@ -24,15 +24,19 @@ from megatron_dsv3.megatron_args import ParallelLayout
 from megatron_dsv3.presets import ModelPreset, get_preset
 
 
-def init_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
-    from megatron_dsv3.cpu import enable_cpu_mode
+def init_parallel(layout: ParallelLayout, seed: int = 1234, *, cpu: bool = True) -> None:
+    """Join the process group (gloo on CPU, NCCL on a GPU) and set up Megatron's parallel state."""
+    if cpu:
+        from megatron_dsv3.cpu import enable_cpu_mode
 
-    enable_cpu_mode()
+        enable_cpu_mode()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group("gloo" if cpu else "nccl")
     world = torch.distributed.get_world_size()
     if world != layout.world_size:
         raise ValueError(f"layout needs {layout.world_size} processes, got {world}")
@@ -54,6 +58,7 @@ def build_chunks(
     *,
     extra_args: tuple[str, ...] = (),
     ddp: bool = True,
+    cpu: bool = True,
 ):
     """``(config, args, chunks)``: this rank's model chunks for ``preset`` under ``layout``.
 
@@ -68,7 +73,7 @@ def build_chunks(
     from megatron_dsv3.model import build_gpt_model
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    argv = megatron_argv(preset, layout, backend="local", cpu=True, extra=list(extra_args))
+    argv = megatron_argv(preset, layout, backend="local", cpu=cpu, extra=list(extra_args))
     args = parse_megatron_args(argv)
     config = core_transformer_config_from_args(args)
     chunks = []
@@ -79,6 +84,12 @@ def build_chunks(
             seq_length=args.seq_length,
             vp_stage=vp_stage if layout.vpp else None,
         )
+        if not cpu:
+            model = model.cuda(torch.cuda.current_device())
+        if config.bf16 or config.fp16:
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(config, model)
         if ddp:
             model = DistributedDataParallel(
                 config,
@@ -93,7 +104,9 @@ def build_chunks(
 
 
 def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)
+    while hasattr(chunk, "module"):  # DDP, then Float16Module
+        chunk = chunk.module
+    return chunk
 
 
 def _sharded_state_dict(chunks):
@@ -193,7 +206,7 @@ def _microbatches(tokens: torch.Tensor, micro_batch_size: int):
         yield {
             "tokens": inputs,
             "labels": labels,
-            "position_ids": torch.arange(inputs.shape[1]).expand_as(inputs).contiguous(),
+            "position_ids": torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs).contiguous(),
             "loss_mask": torch.ones_like(labels, dtype=torch.float32),
         }
 
@@ -264,13 +277,14 @@ def train_step(chunks, config, tokens: torch.Tensor, micro_batch_size: int, opti
     return result
 
 
-def build_optimizer(chunks, *, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0):
-    """Megatron's Adam optimizer (fp32) over ``chunks``."""
+def build_optimizer(chunks, *, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0,
+                    bf16: bool = False):
+    """Megatron's Adam optimizer over ``chunks`` (fp32 master weights when ``bf16``)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
         optimizer="adam", lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
-        adam_beta1=0.9, adam_beta2=0.95, bf16=False, fp16=False,
+        adam_beta1=0.9, adam_beta2=0.95, bf16=bf16, fp16=False,
     )
     return get_megatron_optimizer(config, chunks)
 

@@ -1,0 +1,112 @@
+"""CPU step time of dsv3-tiny: our ``dsv3`` spec against Megatron-Core's own spec functions.
+
+Both models are built in one process from the same Megatron config (fp32, local backend), with the
+same weights, and trained on the same batch; steps alternate between them so drift hits both alike.
+Megatron's own MLA spec cannot run MLA on the local backend (its ``DotProductAttention`` rejects
+``k_channels``), so the reference takes ``get_gpt_decoder_block_spec`` and
+``get_gpt_mtp_block_spec`` as they are and swaps in only a core attention that can run MLA (ours),
+which is the smallest change that makes it run.  Target: ratio <= 1.02 (the plugin adds no cost).
+
+    python benchmarks/step_time.py [--steps 30] [--warmup 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
+def megatron_reference_spec(config):
+    """Megatron-Core's own block and MTP specs for this config, with an MLA-capable core attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+
+    from megatron_dsv3.spec.attention import MLACoreAttention
+
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    for layer in block.layer_specs:
+        layer.submodules.self_attention.submodules.core_attention = MLACoreAttention
+    mtp = get_gpt_mtp_block_spec(config, block.layer_specs[-1], use_transformer_engine=False)
+    return block, mtp
+
+
+def build(config, args, spec, mtp):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+
+    model = GPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size or args.vocab_size,
+        max_sequence_length=args.seq_length, position_embedding_type="rope", mtp_block_spec=mtp,
+        share_embeddings_and_output_weights=False,
+    )
+    return DistributedDataParallel(
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
+    )
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--steps", type=int, default=30)
+    cli.add_argument("--warmup", type=int, default=5)
+    cli.add_argument("--batch", type=int, default=8)
+    opts = cli.parse_args()
+
+    import torch
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from megatron_dsv3 import dsv3
+    from megatron_dsv3.config import megatron_argv, parse_megatron_args
+    from megatron_dsv3.megatron_args import ParallelLayout
+    from megatron_dsv3.testing import parallel
+    from megatron_dsv3.testing.distributed import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    parallel.init_parallel(ParallelLayout())
+    args = parse_megatron_args(megatron_argv("dsv3-tiny", cpu=True))
+    config = core_transformer_config_from_args(args)
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    config.finalize_model_grads_func = finalize_model_grads
+
+    ours_spec = dsv3(config)
+    torch.manual_seed(0)
+    ours = build(config, args, ours_spec, ours_spec.mtp_block_spec)
+    ref_spec, ref_mtp = megatron_reference_spec(config)
+    torch.manual_seed(0)
+    ref = build(config, args, ref_spec, ref_mtp)
+    # Same weights in both (names and shapes agree one to one).
+    ref.module.load_state_dict(ours.module.state_dict(), strict=True)
+    models = {"dsv3 spec (ours)": ours, "Megatron-Core spec": ref}
+    optimizers = {name: parallel.build_optimizer([m], lr=1e-3) for name, m in models.items()}
+    tokens = parallel.fixed_tokens("dsv3-tiny", opts.batch, seed=0)
+
+    times = {name: [] for name in models}
+    losses = {name: None for name in models}
+    for step in range(opts.warmup + opts.steps):
+        for name, model in models.items():
+            start = time.perf_counter()
+            result = parallel.train_step([model], config, tokens, micro_batch_size=opts.batch // 2,
+                                         optimizer=optimizers[name])
+            elapsed = time.perf_counter() - start
+            if step >= opts.warmup:
+                times[name].append(elapsed)
+            losses[name] = result["loss_sum"] / result["tokens"]
+
+    tokens_per_step = opts.batch * (tokens.shape[1] - 1)
+    print(f"dsv3-tiny, fp32, CPU ({torch.get_num_threads()} threads), batch {opts.batch} x "
+          f"{tokens.shape[1] - 1} tokens, {opts.steps} timed steps after {opts.warmup} warm-up")
+    print(f"{'model':<22}{'median step (ms)':>18}{'tokens/s':>12}{'final loss':>12}")
+    medians = {}
+    for name in models:
+        medians[name] = statistics.median(times[name])
+        print(f"{name:<22}{medians[name] * 1e3:>18.1f}{tokens_per_step / medians[name]:>12,.0f}"
+              f"{losses[name]:>12.4f}")
+    ratio = medians["dsv3 spec (ours)"] / medians["Megatron-Core spec"]
+    print(f"ratio ours / Megatron-Core = {ratio:.3f}  (target <= 1.02: {'met' if ratio <= 1.02 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
