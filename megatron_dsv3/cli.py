@@ -56,6 +56,67 @@ def cmd_changes(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_args(ns: argparse.Namespace) -> int:
+    import shlex
+
+    from megatron_dsv3.recipe import load_recipe
+
+    argv = load_recipe(ns.recipe, ns.overrides).megatron_args(ns.world_size)
+    if ns.format == "shell":
+        print(shlex.join(argv))
+    elif ns.format == "lines":
+        print("\n".join(argv))
+    else:
+        # For `pretrain_gpt.py $(megatron-dsv3 args recipe.yaml)`: the shell splits the output at
+        # whitespace without reading quotes, so an argument may not contain any.
+        spaced = [a for a in argv if not a or any(c.isspace() for c in a)]
+        if spaced:
+            raise ConfigError(
+                f"argument {spaced[0]!r} contains whitespace, which `$(megatron-dsv3 args ...)` would split",
+                fix="use `--format lines` with `mapfile -t ARGS < <(megatron-dsv3 args ...)` and \"${ARGS[@]}\","
+                " or `--format shell` with eval, or a path without spaces",
+                key="args",
+            )
+        print(" ".join(argv))
+    return 0
+
+
+def cmd_check(ns: argparse.Namespace) -> int:
+    from megatron_dsv3.recipe import check_recipe, load_recipe
+
+    try:
+        report = check_recipe(load_recipe(ns.recipe, ns.overrides), ns.world_size, ns.gpu_memory_gb)
+    except ConfigError as err:
+        print(f"megatron-dsv3: error: {err}", file=sys.stderr)
+        return 1
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    import os
+
+    from megatron_dsv3.train import launcher
+
+    recipe, overrides = ns.recipe, list(ns.overrides)
+    if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        recipe, overrides = None, [recipe] + overrides  # `train training.train_iters=50`
+    if launcher.under_torchrun():
+        plan = launcher.plan(recipe, overrides, int(os.environ["WORLD_SIZE"]), ns.megatron_args)
+        launcher.run_under_torchrun(plan)
+        return 0
+    plan = launcher.plan(recipe, overrides, ns.nproc, ns.megatron_args)
+    return launcher.run(plan, verbose=ns.verbose)
+
+
+def _add_recipe_arguments(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    p.add_argument("recipe", nargs="?" if optional else None,
+                   help="a recipe YAML file or the name of a shipped recipe"
+                   + (" (default: dsv3-tiny-cpu)" if optional else ""))
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="recipe overrides, e.g. training.train_iters=50 parallel.ep=2")
+
+
 def cmd_hook(ns: argparse.Namespace) -> int:
     from megatron_dsv3.launch import hook
 
@@ -97,6 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print docs/megatron-changes.md")
     p.set_defaults(func=cmd_changes)
 
+    p = sub.add_parser("args", help="print a recipe as arguments for stock pretrain_gpt.py")
+    _add_recipe_arguments(p)
+    p.add_argument("--world-size", type=int, default=None,
+                   help="number of processes (default: the recipe's parallel.world_size)")
+    p.add_argument("--format", choices=["words", "lines", "shell"], default="words",
+                   help="words: space-separated, for $(...) (default); lines: one per line, for"
+                   " mapfile; shell: quoted, for eval")
+    p.set_defaults(func=cmd_args)
+
+    p = sub.add_parser("check", help="validate a recipe and estimate its memory per GPU")
+    _add_recipe_arguments(p)
+    p.add_argument("--world-size", type=int, default=None)
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="GPU memory to check against (default: the recipe's hardware.gpu_memory_gb)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "train", help="train a recipe on Megatron's training loop (default: dsv3-tiny on the embedded corpus)",
+        description="Train with Megatron-LM's own loop. Arguments after `--` go to Megatron as they are.",
+    )
+    _add_recipe_arguments(p, optional=True)
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (gloo on CPU)")
+    p.add_argument("--verbose", action="store_true", help="show Megatron's full output")
+    p.set_defaults(func=cmd_train, megatron_args=[])
+
     p = sub.add_parser("specs", help="list the spec names `--spec NAME` accepts")
     p.set_defaults(func=cmd_specs)
 
@@ -106,9 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party() -> None:
+    """Megatron warns on import about optional packages (apex, TE, absl) a CPU machine lacks."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch)\..*")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_third_party()
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:  # `megatron-dsv3 train ... -- --log-interval 5`: raw Megatron arguments
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
     ns = parser.parse_args(argv)
+    if extra:
+        if ns.command != "train":
+            parser.error("arguments after `--` are only for `train`")
+        ns.megatron_args = extra
     try:
         return ns.func(ns)
     except ConfigError as err:

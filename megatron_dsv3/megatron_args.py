@@ -145,7 +145,8 @@ class ParallelLayout:
             "--expert-tensor-parallel-size", self.etp,
             "--context-parallel-size", self.cp,
         ]
-        if self.vpp:
+        if self.vpp and not self.layout:
+            # With a layout string Megatron derives the virtual stages from it and rejects both.
             args += ["--num-virtual-stages-per-pipeline-rank", self.vpp]
         if self.sp:
             args += ["--sequence-parallel"]

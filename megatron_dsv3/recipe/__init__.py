@@ -1,1 +1,26 @@
-"""Recipes: a preset plus parallel layout, training hyper-parameters and data, as YAML."""
+"""Recipes: a preset plus parallel layout, training hyper-parameters and data, as YAML.
+
+* :func:`load_recipe` reads a YAML file or a shipped recipe by name (:func:`shipped_recipes`);
+* :meth:`Recipe.megatron_args` gives the argument list for stock ``pretrain_gpt.py``;
+* :func:`check_recipe` validates a recipe at a world size and estimates its memory per GPU
+  (:func:`estimate_memory`).
+
+The schema, the key-to-flag mapping and the memory model are documented in ``docs/recipes.md``.
+"""
+
+from megatron_dsv3.recipe.check import CheckReport, check_recipe, validate_recipe
+from megatron_dsv3.recipe.loader import load_recipe, loads_recipe, shipped_recipes
+from megatron_dsv3.recipe.memory import MemoryEstimate, estimate_memory
+from megatron_dsv3.recipe.schema import Recipe
+
+__all__ = [
+    "CheckReport",
+    "MemoryEstimate",
+    "Recipe",
+    "check_recipe",
+    "estimate_memory",
+    "load_recipe",
+    "loads_recipe",
+    "shipped_recipes",
+    "validate_recipe",
+]

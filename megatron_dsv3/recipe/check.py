@@ -1,0 +1,263 @@
+"""Recipe validation and the printable check report (``megatron-dsv3 check RECIPE``).
+
+:func:`validate_recipe` runs :func:`megatron_dsv3.validation.validate` (model and parallel sizes)
+and the recipe-level rules below, each raising a :class:`ConfigError` placed at the recipe's
+``file:line``.  :func:`check_recipe` never raises for a bad recipe: it collects the error and the
+memory estimate into a :class:`CheckReport`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.megatron_args import ParallelLayout
+from megatron_dsv3.validation import validate
+
+
+def _fail(recipe, path: str, problem: str, fix: str) -> ConfigError:
+    return ConfigError(problem, fix=fix, key=path, where=recipe.where(path))
+
+
+def parallel_layout(recipe, world_size: int | None = None) -> ParallelLayout:
+    """The recipe's parallel sizes at ``world_size``; dp = world_size / (tp * pp * cp)."""
+    par, ws = recipe.parallel, recipe.world_size(world_size)
+    given = "" if world_size is None else " (given as --world-size)"
+    if not isinstance(ws, int) or ws < 1:
+        raise _fail(recipe, "parallel.world_size", f"parallel.world_size={ws!r}{given} must be a positive integer",
+                    "set the number of GPUs")
+    model_ranks = par.tp * par.pp * par.cp
+    if model_ranks < 1 or ws % model_ranks:
+        raise _fail(
+            recipe, "parallel.world_size",
+            f"parallel.world_size={ws}{given} is not divisible by parallel.tp x pp x cp ="
+            f" {par.tp} x {par.pp} x {par.cp} = {model_ranks}",
+            f"use a multiple of {model_ranks} GPUs, or change tp, pp or cp")
+    return ParallelLayout(tp=par.tp, pp=par.pp, vpp=par.vpp, ep=par.ep, etp=par.etp, cp=par.cp,
+                          dp=ws // model_ranks, sp=par.sp, layout=par.layout)
+
+
+def global_batch(recipe, layout: ParallelLayout) -> int:
+    t = recipe.training
+    return t.global_batch_size or t.micro_batch_size * layout.dp
+
+
+def num_microbatches(recipe, layout: ParallelLayout) -> int:
+    """Micro-batches per step and data-parallel rank (at the final batch size)."""
+    return global_batch(recipe, layout) // (recipe.training.micro_batch_size * layout.dp)
+
+
+def validate_recipe(recipe, world_size: int | None = None) -> ParallelLayout:
+    """Check everything that must hold before Megatron starts; the layout at ``world_size``."""
+    preset = recipe.preset
+    layout = parallel_layout(recipe, world_size)
+    try:
+        validate(preset, layout)
+    except ConfigError as err:
+        raise recipe.locate(err) from None
+    vpp = _check_pipeline(recipe, preset)
+    _check_batch(recipe, layout, vpp)
+    _check_schedule(recipe)
+    _check_device(recipe)
+    _check_recompute(recipe)
+    _check_data_and_checkpoint(recipe)
+    return layout
+
+
+def _check_pipeline(recipe, preset) -> int:
+    """Layout string and context-parallel checks; the virtual stages per pipeline rank."""
+    from megatron_dsv3.recipe.stages import parse_layout
+
+    par = recipe.parallel
+    vpp = par.vpp or 1
+    if par.layout:
+        try:
+            parsed = parse_layout(par.layout, par.pp, preset)
+        except ConfigError as err:
+            raise err.located(recipe.where("parallel.layout")) from None
+        if par.vpp is not None and parsed.virtual_pipeline_model_parallel_size != par.vpp:
+            raise _fail(recipe, "parallel.vpp",
+                        f"parallel.vpp={par.vpp} but parallel.layout has"
+                        f" {parsed.virtual_pipeline_model_parallel_size * par.pp} stages = pp {par.pp} x"
+                        f" {parsed.virtual_pipeline_model_parallel_size}",
+                        "set vpp to (stages in the layout) / pp, or null to take it from the layout")
+        vpp = parsed.virtual_pipeline_model_parallel_size
+    if preset.seq_length % (2 * par.cp) and par.cp > 1:
+        raise _fail(recipe, "parallel.cp", f"parallel.cp={par.cp} needs model.seq_length={preset.seq_length}"
+                    f" divisible by 2 x cp = {2 * par.cp}", "choose cp so that seq_length % (2 cp) == 0")
+    return vpp
+
+
+def _check_batch(recipe, layout: ParallelLayout, vpp: int) -> None:
+    t = recipe.training
+    unit = t.micro_batch_size * layout.dp
+    gbs = global_batch(recipe, layout)
+    if t.micro_batch_size < 1 or gbs < 1 or gbs % unit:
+        raise _fail(recipe, "training.global_batch_size",
+                    f"training.global_batch_size={gbs} is not divisible by micro_batch_size x dp ="
+                    f" {t.micro_batch_size} x {layout.dp} = {unit}",
+                    f"use a multiple of {unit} (dp = world_size / (tp x pp x cp) = {layout.dp})")
+    if vpp > 1 and (gbs // unit) % layout.pp:
+        # schedules.py: micro-batches go through each virtual stage pp at a time; a remainder group
+        # smaller than pp raises at the first step.
+        raise _fail(recipe, "training.global_batch_size",
+                    f"the interleaved schedule (vpp={vpp}) needs the micro-batches per step to be a"
+                    f" multiple of pp={layout.pp}, but training.global_batch_size={gbs} gives {gbs // unit}",
+                    f"use a multiple of pp x micro_batch_size x dp = {layout.pp * unit}")
+    if t.rampup_batch_size is not None:
+        _check_ramp(recipe, unit, layout.pp if vpp > 1 else 1)
+
+
+def _check_ramp(recipe, unit: int, group: int) -> None:
+    t = recipe.training
+    path = "training.rampup_batch_size"
+    if len(t.rampup_batch_size) != 3 or min(t.rampup_batch_size) < 1:
+        raise _fail(recipe, path, f"{path}={t.rampup_batch_size} must be three positive integers",
+                    "write [start batch size, increment, ramp-up samples], e.g. [3072, 3072, 114501953]")
+    start, incr, samples = t.rampup_batch_size
+    if t.global_batch_size is None or (t.global_batch_size - start) % incr or start > t.global_batch_size:
+        raise _fail(recipe, path, f"{path}={t.rampup_batch_size} does not step from {start} to"
+                    f" training.global_batch_size={t.global_batch_size} in increments of {incr}",
+                    "set global_batch_size = start + k x increment")
+    if start % (unit * group) or incr % (unit * group):
+        raise _fail(recipe, path, f"{path}={t.rampup_batch_size}: every batch size of the ramp must be"
+                    f" divisible by micro_batch_size x dp{' x pp (interleaved)' if group > 1 else ''}"
+                    f" = {unit * group}", f"use multiples of {unit * group}")
+    if samples < (t.global_batch_size - start) // incr:
+        raise _fail(recipe, path, f"{path}: {samples} ramp-up samples are fewer than the ramp's steps",
+                    "give the ramp-up length in sequences (samples)")
+
+
+def _check_schedule(recipe) -> None:
+    t = recipe.training
+    if (t.train_iters is None) == (t.train_samples is None):
+        raise _fail(recipe, "training.train_iters",
+                    "exactly one of training.train_iters and training.train_samples must be set"
+                    f" (got train_iters={t.train_iters}, train_samples={t.train_samples})",
+                    "set train_iters (steps) or train_samples (sequences), not both")
+    by_iters = t.train_iters is not None
+    wrong = ("lr_warmup_samples", "lr_decay_samples", "lr_wsd_decay_samples") if by_iters else (
+        "lr_warmup_iters", "lr_decay_iters", "lr_wsd_decay_iters")
+    for name in wrong:
+        if getattr(t, name):
+            other = name.replace("samples", "iters") if by_iters else name.replace("iters", "samples")
+            raise _fail(recipe, f"training.{name}",
+                        f"training.{name}={getattr(t, name)} with {'iteration' if by_iters else 'sample'}-based"
+                        f" training (training.{'train_iters' if by_iters else 'train_samples'} is set)",
+                        f"use training.{other} instead (Megatron rejects the mix)")
+    unit = "iters" if by_iters else "samples"
+    warmup = getattr(t, f"lr_warmup_{unit}")
+    decay = getattr(t, f"lr_decay_{unit}") or getattr(t, f"train_{unit}")
+    if warmup and warmup >= decay:
+        # OptimizerParamScheduler asserts warmup < decay steps, with no message.
+        raise _fail(recipe, f"training.lr_warmup_{unit}",
+                    f"training.lr_warmup_{unit}={warmup} is not below the decay length {decay}"
+                    f" (training.lr_decay_{unit}, or train_{unit} when that is null)",
+                    f"lower lr_warmup_{unit} or train longer")
+
+
+def _check_device(recipe) -> None:
+    if not recipe.is_cpu:
+        return
+    if recipe.backend == "transformer_engine":
+        raise _fail(recipe, "backend", "backend=transformer_engine with hardware.device=cpu: Transformer"
+                    " Engine needs a GPU", "set backend: local (or auto)")
+    if recipe.precision != "fp32":
+        raise _fail(recipe, "precision", f"precision={recipe.precision} with hardware.device=cpu: Megatron's"
+                    " bf16 path asserts CUDA tensors", "set precision: fp32")
+    if recipe.training.use_distributed_optimizer:
+        raise _fail(recipe, "training.use_distributed_optimizer",
+                    "training.use_distributed_optimizer=true with hardware.device=cpu: Megatron's"
+                    " distributed optimizer asserts CUDA tensors", "set use_distributed_optimizer: false")
+
+
+def _check_recompute(recipe) -> None:
+    rc, path = recipe.training.recompute, "training.recompute"
+    if rc.granularity == "selective" and not rc.modules:
+        raise _fail(recipe, f"{path}.modules", f"{path}.granularity=selective without modules",
+                    "list the modules, e.g. modules: [mla_up_proj, layernorm]")
+    if rc.granularity != "selective" and rc.modules:
+        raise _fail(recipe, f"{path}.modules", f"{path}.modules={rc.modules} with granularity={rc.granularity}",
+                    "set granularity: selective, or remove modules")
+    full = rc.granularity == "full"
+    if full and (rc.method is None or rc.num_layers is None or rc.num_layers < 1):
+        raise _fail(recipe, path, f"{path}.granularity=full needs method and num_layers"
+                    f" (got method={rc.method}, num_layers={rc.num_layers})",
+                    "e.g. {granularity: full, method: uniform, num_layers: 1}")
+    if not full and (rc.method is not None or rc.num_layers is not None):
+        raise _fail(recipe, f"{path}.method", f"{path}.method/num_layers are for granularity=full",
+                    "remove them, or set granularity: full")
+    if "moe_act" in rc.modules and resolved(recipe) != "transformer_engine":
+        raise _fail(recipe, f"{path}.modules", f"{path}.modules has moe_act, which Megatron supports only"
+                    " with grouped GEMM experts (the transformer_engine backend)",
+                    "use backend: transformer_engine, or recompute `moe` instead")
+
+
+def resolved(recipe) -> str:
+    from megatron_dsv3.recipe.argv import resolved_backend
+
+    return resolved_backend(recipe)
+
+
+def _check_data_and_checkpoint(recipe) -> None:
+    d = recipe.data
+    if d.source == "files":
+        if not d.paths:
+            raise _fail(recipe, "data.paths", "data.source=files needs data.paths",
+                        "list Megatron --data-path entries, e.g. paths: [/data/corpus_text_document]")
+        if not d.tokenizer_type:
+            raise _fail(recipe, "data.tokenizer_type", "data.source=files needs data.tokenizer_type",
+                        "e.g. tokenizer_type: HuggingFaceTokenizer, with tokenizer_model: /path/to/tokenizer")
+    elif d.paths or d.tokenizer_type or d.tokenizer_model:
+        raise _fail(recipe, "data.paths", f"data.paths/tokenizer_* are only read with data.source=files"
+                    f" (source is {d.source})", "remove them, or set source: files")
+    c = recipe.checkpoint
+    if c.save_interval is not None and not c.save:
+        raise _fail(recipe, "checkpoint.save_interval", "checkpoint.save_interval without checkpoint.save",
+                    "set checkpoint.save to a folder")
+
+
+# ---- the report ----
+@dataclass
+class CheckReport:
+    """The outcome of :func:`check_recipe`; ``render()`` is what ``megatron-dsv3 check`` prints."""
+
+    recipe: object
+    world_size: int
+    gpu_memory_gb: float | None
+    error: ConfigError | None = None
+    layout: ParallelLayout | None = None
+    memory: object = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        """True/False against the GPU memory; None when there is nothing to compare with."""
+        if self.memory is None or self.gpu_memory_gb is None or self.recipe.is_cpu:
+            return None
+        return self.memory.total <= self.gpu_memory_gb
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.fits is not False
+
+    def render(self) -> str:
+        from megatron_dsv3.recipe.report import render_report
+
+        return render_report(self)
+
+
+def check_recipe(recipe, world_size: int | None = None, gpu_memory_gb: float | None = None) -> CheckReport:
+    """Validate ``recipe`` at ``world_size`` and estimate its memory against ``gpu_memory_gb``
+    (default: the recipe's ``hardware.gpu_memory_gb``)."""
+    from megatron_dsv3.recipe.memory import estimate_memory
+
+    ws = recipe.world_size(world_size)
+    budget = gpu_memory_gb if gpu_memory_gb is not None else recipe.hardware.gpu_memory_gb
+    report = CheckReport(recipe=recipe, world_size=ws, gpu_memory_gb=budget)
+    try:
+        report.layout = validate_recipe(recipe, world_size)
+        report.memory = estimate_memory(recipe, world_size)
+    except ConfigError as err:
+        report.error = err
+    return report

@@ -1,0 +1,157 @@
+"""``megatron-dsv3 train``: run a recipe on Megatron's own training loop, here, in N processes.
+
+The recipe becomes the same argument list ``megatron-dsv3 args`` prints for ``pretrain_gpt.py``;
+the worker processes (``python -m megatron_dsv3.train.worker``) run Megatron's ``pretrain`` with
+it.  One process runs directly; more run under ``torch.distributed.run`` (torchrun), joined by
+gloo on CPU.  When the command itself runs under torchrun, it becomes the worker.
+
+The console shows the progress lines (``[megatron-dsv3] step ...``) and errors; Megatron's full
+output goes to ``<run folder>/train.log`` and the per-step figures to ``metrics.jsonl`` beside it.
+A second run of the same command resumes from the recipe's checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_dsv3.errors import ConfigError
+
+DEFAULT_RECIPE = "dsv3-tiny-cpu"
+TRACKER = "latest_checkpointed_iteration.txt"
+_ALWAYS_SHOWN = ("Traceback", "Error", "error:")
+
+
+@dataclass
+class TrainPlan:
+    recipe: object
+    argv: list[str]
+    nproc: int
+    run_dir: Path
+    train_iters: int | None
+    resume_from: int | None
+
+
+def plan(recipe_name: str | None, overrides: list[str], nproc: int, extra_args: list[str]) -> TrainPlan:
+    """Load and check the recipe; decide the processes, the run folder and whether this resumes."""
+    import torch
+
+    from megatron_dsv3.recipe import load_recipe
+
+    overrides = list(overrides)
+    if recipe_name is None and torch.cuda.is_available():
+        # The default recipe is written for CPU; with a GPU the same model trains on it in bf16.
+        overrides = ["hardware.device=cuda", "precision=bf16", "backend=auto"] + overrides
+    recipe = load_recipe(recipe_name or DEFAULT_RECIPE, overrides)
+    if recipe.is_cpu and torch.cuda.is_available():
+        print("[megatron-dsv3] note: the recipe asks for CPU; running on CPU although a GPU is present")
+    if not recipe.is_cpu and not torch.cuda.is_available():
+        raise ConfigError(
+            f"recipe '{recipe.name}' runs on GPUs (hardware.device: cuda) but this machine has none",
+            fix="run it on a GPU machine, or add the override hardware.device=cpu (small models only)",
+            key="hardware.device",
+        )
+    argv = recipe.megatron_args(nproc) + list(extra_args)
+    save = recipe.checkpoint.save
+    run_dir = Path(save) if save else Path("runs") / recipe.name
+    return TrainPlan(
+        recipe=recipe,
+        argv=argv,
+        nproc=nproc,
+        run_dir=run_dir,
+        train_iters=recipe.training.train_iters,
+        resume_from=_checkpointed_iteration(recipe.checkpoint.load),
+    )
+
+
+def _checkpointed_iteration(load_dir: str | None) -> int | None:
+    if not load_dir:
+        return None
+    tracker = Path(load_dir) / TRACKER
+    try:
+        return int(tracker.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def run(train_plan: TrainPlan, *, verbose: bool = False) -> int:
+    """Launch the workers, stream their output, summarise the run; return the exit code."""
+    p = train_plan
+    if p.resume_from is not None and p.train_iters is not None and p.resume_from >= p.train_iters:
+        print(f"[megatron-dsv3] {p.run_dir} already holds the checkpoint of step {p.resume_from}"
+              f" = training.train_iters; nothing to do. To train further, run again with"
+              f" training.train_iters=N (N > {p.resume_from}); to start over, delete {p.run_dir}.")
+        return 0
+    p.run_dir.mkdir(parents=True, exist_ok=True)
+    log_path, metrics_path = p.run_dir / "train.log", p.run_dir / "metrics.jsonl"
+    env = dict(os.environ, MEGATRON_DSV3_METRICS=str(metrics_path.resolve()))
+    env.setdefault("TORCHDYNAMO_DISABLE", "1")
+    if p.nproc == 1:  # what torchrun would set for one process
+        from megatron_dsv3.testing.distributed import free_port
+
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    command = _command(p)
+    what = f"resuming from step {p.resume_from}" if p.resume_from is not None else "from scratch"
+    print(f"[megatron-dsv3] training {p.recipe.name} ({p.recipe.preset.name}) on "
+          f"{'CPU' if p.recipe.is_cpu else 'GPU'} with {p.nproc} process(es), {what}; "
+          f"full log: {log_path}", flush=True)
+    started = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"\n=== {time.ctime()} {shlex.join(command)}\n")
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            if verbose or line.startswith("[megatron-dsv3]") or any(s in line for s in _ALWAYS_SHOWN):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        code = proc.wait()
+    if code != 0:
+        print(f"[megatron-dsv3] training failed (exit code {code}); the end of {log_path}:", file=sys.stderr)
+        print("".join(log_path.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+        return code
+    _summary(p, metrics_path, since=started)
+    return 0
+
+
+def _command(p: TrainPlan) -> list[str]:
+    worker = ["-m", "megatron_dsv3.train.worker", *p.argv]
+    if p.nproc == 1:
+        return [sys.executable, *worker]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={p.nproc}", *worker]
+
+
+def _summary(p: TrainPlan, metrics_path: Path, since: float) -> None:
+    records = []
+    if metrics_path.exists():
+        for line in metrics_path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("time", 0) >= since:
+                records.append(record)
+    if records:
+        first, last = records[0], records[-1]
+        print(f"[megatron-dsv3] done: step {first['iteration']} -> {last['iteration']}, "
+              f"loss {first['lm_loss']:.3f} -> {last['lm_loss']:.3f} in {time.time() - since:.0f} s")
+    saved = _checkpointed_iteration(p.recipe.checkpoint.save)
+    if saved is not None:
+        print(f"[megatron-dsv3] checkpoint of step {saved} in {p.recipe.checkpoint.save}; run the same"
+              " command with training.train_iters=N to continue from it")
+
+
+def run_under_torchrun(train_plan: TrainPlan) -> None:
+    """This process was started by torchrun: be one of the workers."""
+    from megatron_dsv3.train import worker
+
+    worker.run(train_plan.argv)
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ
