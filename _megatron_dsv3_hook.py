@@ -1,39 +1,49 @@
-"""Start-up hook of megatron-dsv3, run by ``megatron-dsv3.pth`` in every Python process.
+"""Start-up hook of megatron-dsv3: activates the plugin when Megatron's training code is imported.
 
-It must cost next to nothing in a process that never touches Megatron: it imports nothing but
-``os`` and ``sys`` (both already loaded), and adds one entry to ``sys.meta_path`` that compares
-module names.  When ``megatron.training`` finishes importing, it calls
-``megatron_dsv3.launch.activate()``, which makes ``--spec dsv3`` and the plugin's options work in
-stock Megatron-LM.  ``MEGATRON_DSV3_HOOK=0`` turns it off.  Any failure becomes a warning: the hook
-never breaks the interpreter or Megatron's own behaviour.
+``megatron-dsv3.pth`` (installed into site-packages) runs one line, ``PTH_LINE`` below, in every
+Python process.  To cost almost nothing in a process that never touches Megatron, that line only
+puts a tiny watcher on ``sys.meta_path`` (a class made with ``type()``, no import): it looks at
+each imported module's name and, for ``megatron.training`` alone, imports this module and calls
+:func:`find_spec`.  That finds Megatron's real module, wraps its loader, and after
+``megatron.training`` has run calls ``megatron_dsv3.launch.activate()``, which makes
+``--spec dsv3`` and the plugin's options work in stock Megatron-LM.
+
+``MEGATRON_DSV3_HOOK=0`` turns the hook off.  Any failure becomes a warning: the hook never
+breaks the interpreter or Megatron's own behaviour.
 """
 
-import os
 import sys
 
-_TRIGGER = "megatron.training"
-_OFF = ("0", "false", "no", "off")
+TRIGGER = "megatron.training"
+WATCHER = "_MegatronDSV3Watcher"
+
+# The single line of megatron-dsv3.pth (site runs .pth lines that start with "import").
+# Some environments process the same site-packages twice (a venv's lib64 -> lib link): one watcher.
+PTH_LINE = (
+    "import os, sys; os.environ.get('MEGATRON_DSV3_HOOK', '1').strip().lower() in ('0', 'false', 'no',"
+    " 'off') or 'megatron.training' in sys.modules or any(getattr(f, '__name__', '') == '" + WATCHER +
+    "' for f in sys.meta_path) or sys.meta_path.insert(0, type('" + WATCHER + "',"
+    " (), {'find_spec': staticmethod(lambda name, path=None, target=None: __import__("
+    "'_megatron_dsv3_hook').find_spec(name, path, target) if name == 'megatron.training' else None)}))\n"
+)
 
 
-class _MegatronTrainingWatcher:
-    """A meta-path finder that only watches for ``megatron.training`` and finds nothing itself."""
-
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name != _TRIGGER:
-            return None
-        _remove()
-        try:
-            for finder in list(sys.meta_path):  # the finders that would have found it
-                find_spec = getattr(finder, "find_spec", None)
-                spec = find_spec(name, path, target) if find_spec else None
-                if spec is not None:
-                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                        spec.loader = _ActivatingLoader(spec.loader)
-                    return spec
-        except Exception as err:  # fall back to the normal import machinery
-            _warn(err)
+def find_spec(name, path=None, target=None):
+    """The spec of ``megatron.training`` with a loader that activates the plugin afterwards."""
+    _remove_watchers()
+    if name != TRIGGER:
         return None
+    try:
+        for finder in list(sys.meta_path):  # the finders that would have found it
+            finder_find_spec = getattr(finder, "find_spec", None)
+            spec = finder_find_spec(name, path, target) if finder_find_spec else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _ActivatingLoader(spec.loader)
+                return spec
+    except Exception as err:  # fall back to the normal import machinery
+        _warn(err)
+    return None
 
 
 class _ActivatingLoader:
@@ -70,23 +80,5 @@ def _warn(err):
     )
 
 
-def _remove():
-    try:
-        sys.meta_path.remove(_MegatronTrainingWatcher)
-    except ValueError:
-        pass
-
-
-def install():
-    if os.environ.get("MEGATRON_DSV3_HOOK", "1").strip().lower() in _OFF:
-        return
-    if _TRIGGER in sys.modules:  # already imported (e.g. the hook was installed mid-process)
-        return
-    if _MegatronTrainingWatcher not in sys.meta_path:
-        sys.meta_path.insert(0, _MegatronTrainingWatcher)
-
-
-try:
-    install()
-except Exception as _err:  # never break the interpreter
-    _warn(_err)
+def _remove_watchers():
+    sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", None) != WATCHER]

@@ -228,7 +228,7 @@ def test_tiny_cpu_recipe_args_parse_with_two_processes(monkeypatch):
     assert args.data_parallel_size == 2 and args.expert_model_parallel_size == 1
     assert args.distributed_backend == "gloo" and args.transformer_impl == "local"
     assert args.data_path == [FAKE_DATA_ARGS[1]]
-    assert (args.save, args.save_interval, args.train_iters) == ("runs/dsv3-tiny", 300, 300)
+    assert (args.save, args.load, args.save_interval, args.train_iters) == ("runs/dsv3-tiny", "runs/dsv3-tiny", 200, 200)
 
 
 def test_args_start_with_spec_and_end_with_the_raw_megatron_args(tmp_path):

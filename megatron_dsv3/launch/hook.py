@@ -12,7 +12,12 @@ import tempfile
 from pathlib import Path
 
 PTH_NAME = "megatron-dsv3.pth"
-PTH_LINE = "import _megatron_dsv3_hook\n"
+
+
+def pth_line() -> str:
+    from _megatron_dsv3_hook import PTH_LINE
+
+    return PTH_LINE
 
 
 def pth_path() -> Path:
@@ -25,7 +30,7 @@ def status() -> dict:
     path = pth_path()
     return {
         "pth_file": str(path),
-        "installed": path.exists() and PTH_LINE.strip() in path.read_text(),
+        "installed": path.exists() and path.read_text() == pth_line(),
         "hook_module": getattr(importlib.util.find_spec("_megatron_dsv3_hook"), "origin", None),
         "disabled_by_env": os.environ.get("MEGATRON_DSV3_HOOK", "1").strip().lower()
         in ("0", "false", "no", "off"),
@@ -36,7 +41,7 @@ def install() -> Path:
     path = pth_path()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".megatron-dsv3-", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        f.write(PTH_LINE)
+        f.write(pth_line())
     os.replace(tmp, path)  # atomic: never a half-written .pth in site-packages
     return path
 

@@ -250,8 +250,13 @@ def train_step(chunks, config, tokens: torch.Tensor, micro_batch_size: int, opti
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     local = data_parallel_slice(tokens)
     num_microbatches = local.shape[0] // micro_batch_size
+    # A plain backward outside the schedule leaves a 0-dim scale that the schedule's 1-element
+    # scale cannot be copied into; the schedule sets it for every micro-batch anyway.
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     for chunk in chunks:
         chunk.zero_grad_buffer()
     if optimizer is not None:
