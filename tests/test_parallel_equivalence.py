@@ -1,4 +1,5 @@
-"""TP=2 with SP, EP=2, PP=2 and PP=2 x VPP=2 give the single-process loss and gradients.
+"""TP=2 with SP, EP=2, PP=2, PP=2 x VPP=2 and all at once (4 processes) give the single-process
+loss and gradients.
 
 Each layout runs one training step (Megatron's pipeline schedule, DDP and finalize_model_grads)
 over the same global batch from the same weights (loaded from the single-process run through
@@ -18,6 +19,8 @@ LAYOUTS = {
     "ep2": ParallelLayout(ep=2, dp=2),
     "pp2": ParallelLayout(pp=2),
     "pp2_vpp2": ParallelLayout(pp=2, vpp=2),
+    # Four processes, everything at once.
+    "tp2_sp_ep2_pp2": ParallelLayout(tp=2, sp=True, ep=2, pp=2),
 }
 
 

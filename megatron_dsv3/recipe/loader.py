@@ -38,7 +38,10 @@ _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 def shipped_recipes() -> dict[str, pathlib.Path]:
     """The recipes installed with the package (``recipes/*.yaml``), by name (file stem)."""
-    root = importlib.resources.files(SHIPPED_PACKAGE)
+    try:
+        root = importlib.resources.files(SHIPPED_PACKAGE)
+    except ModuleNotFoundError:  # running from a source checkout that is not installed
+        root = pathlib.Path(__file__).resolve().parents[2] / "recipes"
     found = {}
     for entry in root.iterdir():
         if entry.name.endswith(".yaml"):

@@ -25,7 +25,7 @@ from megatron_dsv3.errors import ConfigError
 
 DEFAULT_RECIPE = "dsv3-tiny-cpu"
 TRACKER = "latest_checkpointed_iteration.txt"
-_ALWAYS_SHOWN = ("Traceback", "Error", "error:")
+_ALWAYS_SHOWN = ("Traceback", "Error", "error:", "validation loss at", "test loss at")
 
 
 @dataclass
@@ -137,9 +137,11 @@ def _summary(p: TrainPlan, metrics_path: Path, since: float) -> None:
             if record.get("time", 0) >= since:
                 records.append(record)
     if records:
-        first, last = records[0], records[-1]
-        print(f"[megatron-dsv3] done: step {first['iteration']} -> {last['iteration']}, "
-              f"loss {first['lm_loss']:.3f} -> {last['lm_loss']:.3f} in {time.time() - since:.0f} s")
+        first, tail = records[0], records[-10:]
+        mean = sum(r["lm_loss"] for r in tail) / len(tail)
+        print(f"[megatron-dsv3] done: steps {first['iteration']}-{tail[-1]['iteration']} in"
+              f" {time.time() - since:.0f} s; loss {first['lm_loss']:.3f} at step {first['iteration']},"
+              f" {mean:.3f} averaged over the last {len(tail)} steps")
     saved = _checkpointed_iteration(p.recipe.checkpoint.save)
     if saved is not None:
         print(f"[megatron-dsv3] checkpoint of step {saved} in {p.recipe.checkpoint.save}; run the same"
