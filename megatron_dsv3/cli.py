@@ -210,7 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:  # `megatron-dsv3 train ... -- --log-interval 5`: raw Megatron arguments
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    ns = parser.parse_args(argv)
+    ns, rest = parser.parse_known_args(argv)
+    # argparse stops collecting KEY=VALUE overrides at the first option (`args r.yaml --world-size 2
+    # training.train_iters=5`); the leftovers of that form are overrides too.
+    if rest:
+        if not hasattr(ns, "overrides") or any(r.startswith("-") or "=" not in r for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        ns.overrides = list(ns.overrides) + rest
     if extra:
         if ns.command != "train":
             parser.error("arguments after `--` are only for `train`")
