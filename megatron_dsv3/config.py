@@ -47,7 +47,6 @@ def megatron_argv(
     if cpu and backend == "transformer_engine":
         resolve_backend(backend)  # raises the explanatory error
     argv = model_args(preset) + layout.args() + backend_args(resolved)
-    argv += ["--dsv3-backend", resolved]
     if cpu:
         argv += cpu_args()
     argv += ["--micro-batch-size", str(micro_batch_size)]

@@ -156,11 +156,17 @@ class ParallelLayout:
 
 
 def backend_args(backend: str) -> list[str]:
-    """Arguments for a resolved backend (``transformer_engine`` or ``local``)."""
+    """Arguments for a backend: ``transformer_engine``, ``local``, or ``auto``.
+
+    ``auto`` is resolved when the job starts, on the machine that runs it (see
+    :func:`megatron_dsv3.launch.arguments.apply_dsv3_arguments`), not where the arguments are made.
+    """
     if backend == "transformer_engine":
-        return ["--transformer-impl", "transformer_engine", "--moe-grouped-gemm"]
-    # The local backend has no fused weight-gradient accumulation (that is apex's or TE's).
-    return ["--transformer-impl", "local", "--no-gradient-accumulation-fusion"]
+        return ["--dsv3-backend", backend, "--transformer-impl", backend, "--moe-grouped-gemm"]
+    if backend == "local":
+        # The local backend has no fused weight-gradient accumulation (that is apex's or TE's).
+        return ["--dsv3-backend", backend, "--transformer-impl", backend, "--no-gradient-accumulation-fusion"]
+    return ["--dsv3-backend", "auto"]
 
 
 def cpu_args() -> list[str]:

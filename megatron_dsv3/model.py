@@ -22,12 +22,10 @@ def build_gpt_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    vp_size = config.virtual_pipeline_model_parallel_size
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    del vp_size
     spec = dsv3(config, vp_stage=vp_stage)
     return GPTModel(
         config=config,

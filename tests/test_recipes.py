@@ -193,6 +193,20 @@ def parse(recipe, argv, world_size, monkeypatch):
         return parse_megatron_args(argv[2:])
 
 
+def test_auto_backend_is_chosen_on_the_machine_that_runs_the_job(monkeypatch):
+    """Arguments made on a login node say `auto`; a machine without TE resolves it to local."""
+    recipe = load_recipe("dsv3-proxy-1gpu", ["backend=auto"])
+    argv = recipe.megatron_args()
+    assert argv[argv.index("--dsv3-backend") + 1] == "auto" and "--transformer-impl" not in argv
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    from megatron_dsv3.config import parse_megatron_args
+
+    args = parse_megatron_args(argv[2:])  # this machine: no GPU, no Transformer Engine
+    assert args.transformer_impl == "local"
+    assert not args.moe_grouped_gemm and not args.gradient_accumulation_fusion
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_recipe_args_parse_with_megatrons_parser_into_the_intended_layout(name, monkeypatch):
     recipe = load_recipe(name)
@@ -215,7 +229,10 @@ def test_shipped_recipe_args_parse_with_megatrons_parser_into_the_intended_layou
     assert (args.recompute_modules or []) == t.recompute.modules or t.recompute.granularity != "selective"
     assert (args.train_iters, args.train_samples) == (t.train_iters, t.train_samples)
     assert args.lr == t.lr and args.ckpt_format == recipe.checkpoint.format
-    assert args.transformer_impl == argv[argv.index("--dsv3-backend") + 1]
+    requested = argv[argv.index("--dsv3-backend") + 1]
+    # `auto` is chosen when the job starts; hopper_gpu() makes Transformer Engine usable here.
+    assert args.transformer_impl == ("transformer_engine" if requested == "auto" else requested)
+    assert args.moe_grouped_gemm == (args.transformer_impl == "transformer_engine")
     if t.rampup_batch_size:
         assert args.step_batch_size_schedule.endswith(f":{t.global_batch_size}")
     else:

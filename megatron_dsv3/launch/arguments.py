@@ -38,7 +38,14 @@ def apply_dsv3_arguments(args: argparse.Namespace) -> argparse.Namespace:
         from megatron_dsv3.cpu import enable_cpu_mode
 
         enable_cpu_mode()
-    backend = resolve_backend(getattr(args, "dsv3_backend", "auto"))
-    if args.dsv3_backend != "auto" or backend == "local":
-        args.transformer_impl = backend
+    requested = getattr(args, "dsv3_backend", "auto")
+    backend = resolve_backend(requested)
+    args.transformer_impl = backend
+    if requested == "auto":
+        # What backend_args() gives an explicit backend, decided here on the training machine.
+        if backend == "local":
+            args.gradient_accumulation_fusion = False  # a fused wgrad needs apex or TE
+            args.moe_grouped_gemm = False  # local experts run one after another
+        else:
+            args.moe_grouped_gemm = True
     return args

@@ -13,18 +13,20 @@ from megatron_dsv3.megatron_args import backend_args, cpu_args, model_args
 
 
 def resolved_backend(recipe) -> str:
-    """The backend the arguments name: ``local`` on CPU; ``auto`` resolved on this machine.
+    """The backend the arguments name: ``local`` on CPU, else the recipe's.
 
-    A named ``transformer_engine`` is kept as is (the job may run elsewhere); Megatron checks at
-    start-up that it can be used (``--dsv3-backend``).
+    ``auto`` stays ``auto``: the plugin resolves it when the job starts, on the training machine
+    (the arguments are often made on a login node without GPUs).  A named ``transformer_engine``
+    is checked there too.
     """
-    if recipe.is_cpu:
-        return "local"
-    if recipe.backend == "auto":
-        from megatron_dsv3.backend import resolve_backend
+    return "local" if recipe.is_cpu else recipe.backend
 
-        return resolve_backend("auto")
-    return recipe.backend
+
+def planned_backend(recipe) -> str:
+    """The backend estimates assume: ``auto`` on GPUs counts as ``local`` (no fused norms, no
+    grouped GEMM), which never underestimates."""
+    backend = resolved_backend(recipe)
+    return "local" if backend == "auto" else backend
 
 
 def recipe_argv(recipe, world_size: int | None = None) -> list[str]:
@@ -39,7 +41,7 @@ def recipe_argv(recipe, world_size: int | None = None) -> list[str]:
     except ConfigError as err:
         raise recipe.locate(err, section="model") from None
     argv = ["--spec", "dsv3"] + model + layout.args()
-    argv += backend_args(backend) + ["--dsv3-backend", backend]
+    argv += backend_args(backend)
     if recipe.is_cpu:
         argv += cpu_args()
     if recipe.precision == "bf16":

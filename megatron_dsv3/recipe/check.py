@@ -188,6 +188,7 @@ def _check_recompute(recipe) -> None:
         raise _fail(recipe, f"{path}.method", f"{path}.method/num_layers are for granularity=full",
                     "remove them, or set granularity: full")
     if "moe_act" in rc.modules and resolved(recipe) != "transformer_engine":
+        # (`auto` may resolve to the local backend on the training machine)
         raise _fail(recipe, f"{path}.modules", f"{path}.modules has moe_act, which Megatron supports only"
                     " with grouped GEMM experts (the transformer_engine backend)",
                     "use backend: transformer_engine, or recompute `moe` instead")

@@ -246,14 +246,14 @@ def chunk_activations(p: ModelPreset, chunk: Chunk, s: _Setup) -> tuple[float, f
 
 # ---- the estimate ----
 def _setup(recipe, lay: ParallelLayout, world_size: int) -> _Setup:
-    from megatron_dsv3.recipe.argv import resolved_backend
+    from megatron_dsv3.recipe.argv import planned_backend
 
     p, rc = recipe.preset, recipe.training.recompute
     return _Setup(
         layout=lay, world_size=world_size, seq=p.seq_length,
         tokens=recipe.training.micro_batch_size * p.seq_length // lay.cp,
         act_bytes=2 if recipe.precision == "bf16" else 4,
-        fused_norms=resolved_backend(recipe) == "transformer_engine",
+        fused_norms=planned_backend(recipe) == "transformer_engine",
         math_attention=recipe.is_cpu,
         granularity=rc.granularity,
         modules=frozenset(rc.modules if rc.granularity == "selective" else ()),

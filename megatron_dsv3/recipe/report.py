@@ -54,11 +54,16 @@ def _model_lines(recipe) -> list[str]:
             f" seq {p.seq_length}"]
 
 
+def _backend_text(recipe) -> str:
+    from megatron_dsv3.recipe.argv import resolved_backend
+
+    backend = resolved_backend(recipe)
+    return "auto (chosen when the job starts; estimated as local)" if backend == "auto" else backend
+
+
 def _parallel_lines(report) -> list[str]:
     recipe, lay, ws = report.recipe, report.layout, report.world_size
     hw = recipe.hardware
-    from megatron_dsv3.recipe.argv import resolved_backend
-
     gpu = hw.gpu or "GPU"
     if recipe.is_cpu:
         world = f"{ws} CPU process" + ("" if ws == 1 else "es")
@@ -75,7 +80,7 @@ def _parallel_lines(report) -> list[str]:
     split = f", each split over ETP {lay.etp}" if lay.etp > 1 else ""
     return [
         f"world      {world} = TP {lay.tp} x CP {lay.cp} x PP {lay.pp} x DP {lay.dp}"
-        f"{' (sequence parallel)' if lay.sp else ''}; backend {resolved_backend(recipe)}, {recipe.precision}",
+        f"{' (sequence parallel)' if lay.sp else ''}; backend {_backend_text(recipe)}, {recipe.precision}",
         f"experts    {p.num_routed_experts} routed experts / EP {lay.ep} = {p.num_routed_experts // lay.ep}"
         f" per EP rank{split}{span_text}",
         f"DP sizes   dense parameters DP x CP = {lay.dp * lay.cp}; experts expert-DP = world / (PP x EP x ETP)"
