@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with Megatron-LM's own loop. Arguments after `--` go to Megatron as they are.",
     )
     _add_recipe_arguments(p, optional=True)
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (gloo on CPU)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes on this machine (default: the recipe's parallel.world_size; gloo on CPU)")
     p.add_argument("--verbose", action="store_true", help="show Megatron's full output")
     p.set_defaults(func=cmd_train, megatron_args=[])
 

@@ -128,7 +128,30 @@ def test_logits_match_transformers_deepseek(preset, megatron_single_process):
     torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
 
 
-def test_checkpoint_mapping_round_trips_bit_identically():
+@pytest.mark.parametrize("preset", [TINY, get_preset("deepseek-v2-lite").with_overrides(num_layers=2)],
+                         ids=["dsv3-tiny", "v2-lite-2-layers"])
+def test_name_table_covers_exactly_the_built_models_weights(preset, megatron_single_process):
+    """Every parameter (and expert bias) of the built model, MTP included, has one HF name."""
+    import torch as _torch
+
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from megatron_dsv3.config import megatron_argv, parse_megatron_args
+    from megatron_dsv3.model import build_gpt_model
+
+    config = core_transformer_config_from_args(parse_megatron_args(megatron_argv(preset, cpu=True)))
+    config.perform_initialization = False
+    with _torch.device("meta"):
+        model = build_gpt_model(config, vocab_size=preset.vocab_size, seq_length=preset.seq_length)
+    built = {n for n, _ in model.named_parameters()} | {
+        n for n, _ in model.named_buffers() if n.endswith("expert_bias")}
+    table = hf_mapping.name_table(preset, include_mtp=True)
+    assert {m.megatron for m in table} == built
+    hf_names = [h for m in table for h in m.hf]
+    assert len(hf_names) == len(set(hf_names))
+
+
+def test_name_table_inverts_itself_bit_identically():
     p = get_preset("dsv3-tiny")
     g = torch.Generator().manual_seed(0)
     hf = {}

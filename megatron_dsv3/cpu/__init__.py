@@ -8,8 +8,8 @@ One supported switch::
         ...
     enable_cpu_mode()           # or for the rest of the process (the training entry points)
 
-It applies the ``cpu`` group of run-time changes (``megatron-dsv3 changes`` lists them) and turns
-off TorchDynamo (Megatron's jit fuser would otherwise spend ~10 s compiling on first use).
+It applies the ``cpu`` group of run-time changes (``megatron-dsv3 changes`` lists them; among them,
+TorchDynamo is turned off, since Megatron's jit fuser would spend ~10 s compiling on first use).
 Processes join with the gloo backend (``--distributed-backend gloo``).  When a GPU is visible it changes nothing and
 returns False: CPU mode exists for machines without one.
 """
@@ -17,7 +17,6 @@ returns False: CPU mode exists for machines without one.
 from __future__ import annotations
 
 import contextlib
-import os
 
 _state = {"enabled": False}
 
@@ -38,15 +37,6 @@ def enable_cpu_mode() -> bool:
         return True
     if gpu_available():
         return False
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    # Megatron's argument validation insists on this CUDA setting with TP > 1; it means nothing here.
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    try:
-        import torch._dynamo
-
-        torch._dynamo.config.disable = True
-    except Exception:  # dynamo is optional in some torch builds
-        pass
     from megatron_dsv3.runtime.registry import apply_group
 
     apply_group("cpu")

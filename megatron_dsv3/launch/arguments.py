@@ -19,7 +19,8 @@ def add_dsv3_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         choices=BACKENDS,
         default="auto",
         help="Modules of the dsv3 spec: Transformer Engine, Megatron's local PyTorch modules, or auto"
-        " (Transformer Engine when it imports on a GPU, local otherwise). Sets --transformer-impl.",
+        " (Transformer Engine when it imports on a GPU, local otherwise; an explicit"
+        " --transformer-impl local is kept). Sets --transformer-impl.",
     )
     group.add_argument(
         "--dsv3-cpu",
@@ -39,6 +40,8 @@ def apply_dsv3_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
         enable_cpu_mode()
     requested = getattr(args, "dsv3_backend", "auto")
+    if requested == "auto" and args.transformer_impl == "local":
+        requested = "local"  # Megatron's own --transformer-impl local (its default is transformer_engine)
     backend = resolve_backend(requested)
     args.transformer_impl = backend
     if requested == "auto":

@@ -42,6 +42,7 @@ def install() -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".megatron-dsv3-", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(pth_line())
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; every user's interpreter must read it
     os.replace(tmp, path)  # atomic: never a half-written .pth in site-packages
     return path
 

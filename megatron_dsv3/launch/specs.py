@@ -86,6 +86,5 @@ def is_dsv3_spec(tokens) -> bool:
     if not tokens:
         return False
     tokens = [tokens] if isinstance(tokens, str) else list(tokens)
-    if len(tokens) == 1:
-        return registered_specs().get(tokens[0], "").startswith("megatron_dsv3")
-    return tokens[0] == "megatron_dsv3" or tokens[0].startswith("megatron_dsv3.")
+    module = registered_specs().get(tokens[0], "").partition(":")[0] if len(tokens) == 1 else tokens[0]
+    return module == "megatron_dsv3" or module.startswith("megatron_dsv3.")

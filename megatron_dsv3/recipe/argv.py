@@ -111,7 +111,8 @@ def ramp_schedule(t, seq_length: int) -> str:
         # The first whole sample count at which the old ramp had taken i increments.
         threshold = (-(-samples * i // steps) if steps else 0) * seq_length
         entries.append(f"{threshold}:{start + i * incr}")
-    return " ".join(entries)
+    # Megatron's parser accepts commas too; no spaces keeps `$(megatron-dsv3 args ...)` usable.
+    return ",".join(entries)
 
 
 def recompute_args(rc) -> list[str]:
@@ -126,15 +127,8 @@ def recompute_args(rc) -> list[str]:
 def data_args(recipe) -> list[str]:
     d = recipe.data
     if d.source == "embedded":
-        try:
-            from megatron_dsv3.data import default_data_args
-        except ImportError:
-            raise ConfigError(
-                "data.source: embedded needs megatron_dsv3.data.default_data_args, which this"
-                " installation does not have",
-                fix="use data.source: mock or files, or update megatron-dsv3",
-                key="data.source", where=recipe.where("data.source"),
-            ) from None
+        from megatron_dsv3.data import default_data_args
+
         return [str(a) for a in default_data_args(cache_dir=d.cache_dir)]
     if d.source == "mock":
         return ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(recipe.preset.vocab_size)]

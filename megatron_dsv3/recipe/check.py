@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.megatron_args import ParallelLayout
+from megatron_dsv3.megatron_args import ParallelLayout, model_args
 from megatron_dsv3.validation import validate
 
 
@@ -22,7 +22,7 @@ def _fail(recipe, path: str, problem: str, fix: str) -> ConfigError:
 def parallel_layout(recipe, world_size: int | None = None) -> ParallelLayout:
     """The recipe's parallel sizes at ``world_size``; dp = world_size / (tp * pp * cp)."""
     par, ws = recipe.parallel, recipe.world_size(world_size)
-    given = "" if world_size is None else " (given as --world-size)"
+    given = "" if world_size is None else " (the number of processes asked for)"
     if not isinstance(ws, int) or ws < 1:
         raise _fail(recipe, "parallel.world_size", f"parallel.world_size={ws!r}{given} must be a positive integer",
                     "set the number of GPUs")
@@ -55,6 +55,10 @@ def validate_recipe(recipe, world_size: int | None = None) -> ParallelLayout:
         validate(preset, layout)
     except ConfigError as err:
         raise recipe.locate(err) from None
+    try:
+        model_args(preset)  # a preset override Megatron has no flag for
+    except ConfigError as err:
+        raise recipe.locate(err, section="model") from None
     vpp = _check_pipeline(recipe, preset)
     _check_batch(recipe, layout, vpp)
     _check_schedule(recipe)
@@ -82,6 +86,13 @@ def _check_pipeline(recipe, preset) -> int:
                         f" {parsed.virtual_pipeline_model_parallel_size}",
                         "set vpp to (stages in the layout) / pp, or null to take it from the layout")
         vpp = parsed.virtual_pipeline_model_parallel_size
+    if par.cp > 1:
+        from megatron_dsv3.recipe.argv import resolved_backend
+
+        if resolved_backend(recipe) != "transformer_engine":
+            raise _fail(recipe, "parallel.cp", f"parallel.cp={par.cp} needs Transformer Engine's attention"
+                        f" (backend is {resolved_backend(recipe)}; `auto` may become local)",
+                        "set backend: transformer_engine, or cp: 1")
     if preset.seq_length % (2 * par.cp) and par.cp > 1:
         raise _fail(recipe, "parallel.cp", f"parallel.cp={par.cp} needs model.seq_length={preset.seq_length}"
                     f" divisible by 2 x cp = {2 * par.cp}", "choose cp so that seq_length % (2 cp) == 0")
@@ -146,6 +157,11 @@ def _check_schedule(recipe) -> None:
                         f" training (training.{'train_iters' if by_iters else 'train_samples'} is set)",
                         f"use training.{other} instead (Megatron rejects the mix)")
     unit = "iters" if by_iters else "samples"
+    if t.lr_decay_style == "WSD" and not getattr(t, f"lr_wsd_decay_{unit}"):
+        # OptimizerParamScheduler asserts it without a message.
+        raise _fail(recipe, "training.lr_decay_style",
+                    f"training.lr_decay_style=WSD needs training.lr_wsd_decay_{unit} (the length of the final decay)",
+                    f"set lr_wsd_decay_{unit} and lr_wsd_decay_style, or use another lr_decay_style")
     warmup = getattr(t, f"lr_warmup_{unit}")
     decay = getattr(t, f"lr_decay_{unit}") or getattr(t, f"train_{unit}")
     if warmup and warmup >= decay:
@@ -187,17 +203,18 @@ def _check_recompute(recipe) -> None:
     if not full and (rc.method is not None or rc.num_layers is not None):
         raise _fail(recipe, f"{path}.method", f"{path}.method/num_layers are for granularity=full",
                     "remove them, or set granularity: full")
-    if "moe_act" in rc.modules and resolved(recipe) != "transformer_engine":
-        # (`auto` may resolve to the local backend on the training machine)
-        raise _fail(recipe, f"{path}.modules", f"{path}.modules has moe_act, which Megatron supports only"
-                    " with grouped GEMM experts (the transformer_engine backend)",
-                    "use backend: transformer_engine, or recompute `moe` instead")
-
-
-def resolved(recipe) -> str:
     from megatron_dsv3.recipe.argv import resolved_backend
 
-    return resolved_backend(recipe)
+    if resolved_backend(recipe) != "transformer_engine":  # `auto` may become local when the job starts
+        if "moe_act" in rc.modules:
+            raise _fail(recipe, f"{path}.modules", f"{path}.modules has moe_act, which Megatron supports"
+                        " only with grouped GEMM experts (the transformer_engine backend)",
+                        "use backend: transformer_engine, or recompute `moe` instead")
+        if "layernorm" in rc.modules:
+            # CheckpointWithoutOutput refers to Transformer Engine's FP8GlobalStateManager.
+            raise _fail(recipe, f"{path}.modules", f"{path}.modules has layernorm, which Megatron-Core 0.19"
+                        " recomputes only with Transformer Engine (NameError: FP8GlobalStateManager otherwise)",
+                        "use backend: transformer_engine, or drop layernorm (mla_up_proj works on both)")
 
 
 def _check_data_and_checkpoint(recipe) -> None:
@@ -216,6 +233,10 @@ def _check_data_and_checkpoint(recipe) -> None:
     if c.save_interval is not None and not c.save:
         raise _fail(recipe, "checkpoint.save_interval", "checkpoint.save_interval without checkpoint.save",
                     "set checkpoint.save to a folder")
+    if c.save and c.save_interval is None:
+        # validate_args asserts it without a message.
+        raise _fail(recipe, "checkpoint.save", "checkpoint.save without checkpoint.save_interval",
+                    "set checkpoint.save_interval (steps between checkpoints), e.g. to train_iters")
 
 
 # ---- the report ----

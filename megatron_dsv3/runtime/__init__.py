@@ -1,5 +1,5 @@
 """Every run-time change megatron-dsv3 makes to Megatron-Core and PyTorch lives in this package.
 
-See :mod:`megatron_dsv3.runtime.registry`; the definitions are in ``launch_changes`` and
-``cpu_changes``.
+See :mod:`megatron_dsv3.runtime.registry`; the definitions are in ``launch_changes``,
+``model_changes``, ``cpu_changes`` and ``train_changes``, one module per group.
 """

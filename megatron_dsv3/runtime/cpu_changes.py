@@ -16,11 +16,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import types
 
 import torch
 
-from megatron_dsv3.runtime.registry import megatron_change, original, replace, replace_attribute
+from megatron_dsv3.runtime.registry import (
+    megatron_change,
+    original,
+    replace,
+    replace_attribute,
+    set_environment,
+)
 
 _CPU = torch.device("cpu")
 
@@ -344,3 +351,25 @@ def gradient_clipping_accepts_cpu_tensors():
 
     replace("megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
     replace("megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
+
+
+@megatron_change(
+    group="cpu",
+    targets=["torch._dynamo.config.disable", "environment CUDA_DEVICE_MAX_CONNECTIONS"],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="(not a fix) CPU runs always want these settings",
+)
+def cpu_runs_skip_compilation_and_cuda_settings():
+    """TorchDynamo is off, and ``CUDA_DEVICE_MAX_CONNECTIONS=1`` is set, for CPU runs.
+
+    Megatron's jit fuser wraps small functions in ``torch.compile``, whose first call costs about
+    10 s on CPU for no gain at these sizes; with TorchDynamo off they run eagerly.  Megatron's
+    ``validate_args`` requires ``CUDA_DEVICE_MAX_CONNECTIONS=1`` whenever TP or CP > 1 on a device
+    older than Blackwell, and CPU mode reports compute capability 0.0; the variable means nothing
+    without CUDA.  An explicit user setting of the variable is kept.
+    """
+    import torch._dynamo
+
+    replace_attribute(torch._dynamo.config, "disable", True, label="torch._dynamo.config.disable")
+    if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") is None:
+        set_environment("CUDA_DEVICE_MAX_CONNECTIONS", "1")

@@ -74,3 +74,30 @@ def mla_accepts_replicated_down_projections():
         from megatron_dsv3.spec.linear import DuplicatedLinear
 
         replace("megatron.core.transformer.multi_latent_attention.Linear", DuplicatedLinear)
+
+
+@megatron_change(
+    group="model",
+    targets=["megatron.core.transformer.moe.moe_utils.MoEAuxLossAutoScaler.set_loss_scale"],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="MoEAuxLossAutoScaler.backward's default scale has the schedule's shape [1]",
+)
+def moe_aux_loss_scale_keeps_any_shape():
+    """The MoE auxiliary-loss scale can be set after a backward that ran outside the schedule.
+
+    A backward through an MoE layer outside Megatron's pipeline schedule (a model called directly,
+    as a test or a custom loop does) leaves ``MoEAuxLossAutoScaler.main_loss_backward_scale`` as a
+    0-dim tensor; the schedules then set a 1-element scale with ``copy_``, which fails ("output
+    with shape [] doesn't match the broadcast shape [1]").  The replacement copies when the shapes
+    agree and otherwise stores the new scale, which is what the next backward reads either way.
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    def set_loss_scale(scale):
+        current = MoEAuxLossAutoScaler.main_loss_backward_scale
+        if current is None or current.shape != scale.shape:
+            MoEAuxLossAutoScaler.main_loss_backward_scale = scale
+        else:
+            current.copy_(scale)
+
+    replace("megatron.core.transformer.moe.moe_utils.MoEAuxLossAutoScaler.set_loss_scale", set_loss_scale)

@@ -12,11 +12,12 @@ Changes are grouped:
   training code is imported, see :mod:`megatron_dsv3.launch`);
 * ``model``: fixes to Megatron-Core's modules that DeepSeek models need (applied when a ``dsv3``
   spec is built);
-* ``cpu``: what lets Megatron-Core run without a GPU (applied by :func:`megatron_dsv3.cpu.enable_cpu_mode`).
+* ``cpu``: what lets Megatron-Core run without a GPU (applied by :func:`megatron_dsv3.cpu.enable_cpu_mode`);
+* ``train``: the progress reporting of ``megatron-dsv3 train`` (applied by its worker only).
 
 Applying a change twice is harmless: :func:`replace` remembers what it put in place and does
 nothing when the target already holds it.  ``cpu`` changes can be reverted (the CPU-mode context
-manager does so); ``launch`` changes stay for the life of the process.
+manager does so); the other groups stay for the life of the process.
 """
 
 from __future__ import annotations
@@ -122,6 +123,31 @@ def replace_attribute(owner: Any, attr: str, new: Any, *, label: str) -> Any:
     return current
 
 
+class _Environment:
+    """``os.environ`` seen as attributes (None = unset), so variables go through replace_attribute."""
+
+    def __getattr__(self, name: str):
+        import os
+
+        return os.environ.get(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        import os
+
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+ENVIRONMENT = _Environment()
+
+
+def set_environment(name: str, value: str) -> None:
+    """Set an environment variable on behalf of the change being applied (undone on revert)."""
+    replace_attribute(ENVIRONMENT, name, value, label=f"environment {name}")
+
+
 def _alias(fn: Callable) -> Callable:
     def alias(*args, **kwargs):
         return fn(*args, **kwargs)
@@ -189,7 +215,7 @@ def render_markdown() -> str:
         "`launch` changes are applied when Megatron's training code is imported (the start-up hook,"
         " or the explicit `patches/` for Megatron-LM); `model` changes when a `dsv3` spec is built;"
         " `cpu` changes only inside CPU mode (`megatron_dsv3.cpu.enable_cpu_mode`), never on a GPU"
-        " run.",
+        " run; `train` changes only by `megatron-dsv3 train`.",
         "",
     ]
     for group in ("launch", "model", "cpu", "train"):

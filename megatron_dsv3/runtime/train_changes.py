@@ -26,11 +26,13 @@ class _Progress:
         elapsed, self.last_time = (None if self.last_time is None else now - self.last_time), now
         if not is_last_rank():
             return
+        from megatron.core.num_microbatches_calculator import get_current_global_batch_size
+
         args = get_args()
         if elapsed is not None:
             # The first step includes start-up costs: average from the second one on.
             self.avg_step = elapsed if self.avg_step is None else 0.8 * self.avg_step + 0.2 * elapsed
-        tokens = args.global_batch_size * args.seq_length
+        tokens = get_current_global_batch_size() * args.seq_length  # follows a batch-size ramp
         loss = loss_dict.get("lm loss")
         loss = float(loss) if loss is not None else float("nan")
         remaining = max(args.train_iters - iteration, 0) if args.train_iters else 0

@@ -22,6 +22,7 @@ import torch
 
 from megatron_dsv3.megatron_args import ParallelLayout
 from megatron_dsv3.presets import ModelPreset, get_preset
+from megatron_dsv3.train.steps import loss_func
 
 
 def init_parallel(layout: ParallelLayout, seed: int = 1234, *, cpu: bool = True) -> None:
@@ -220,15 +221,7 @@ def _forward_step(data_iterator, model):
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
     )
-    return output, partial(_loss, batch["loss_mask"])
-
-
-def _loss(loss_mask, output_tensor):
-    losses = output_tensor.float().view(-1)
-    mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses * mask)
-    num_tokens = mask.sum().to(torch.int)
-    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), num_tokens.detach().float()])}
+    return output, partial(loss_func, batch["loss_mask"])
 
 
 def data_parallel_slice(tokens: torch.Tensor) -> torch.Tensor:
@@ -250,13 +243,8 @@ def train_step(chunks, config, tokens: torch.Tensor, micro_batch_size: int, opti
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
     local = data_parallel_slice(tokens)
     num_microbatches = local.shape[0] // micro_batch_size
-    # A plain backward outside the schedule leaves a 0-dim scale that the schedule's 1-element
-    # scale cannot be copied into; the schedule sets it for every micro-batch anyway.
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     for chunk in chunks:
         chunk.zero_grad_buffer()
     if optimizer is not None:

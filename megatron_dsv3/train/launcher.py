@@ -38,8 +38,11 @@ class TrainPlan:
     resume_from: int | None
 
 
-def plan(recipe_name: str | None, overrides: list[str], nproc: int, extra_args: list[str]) -> TrainPlan:
-    """Load and check the recipe; decide the processes, the run folder and whether this resumes."""
+def plan(recipe_name: str | None, overrides: list[str], nproc: int | None, extra_args: list[str]) -> TrainPlan:
+    """Load and check the recipe; decide the processes, the run folder and whether this resumes.
+
+    ``nproc`` defaults to the recipe's ``parallel.world_size``.
+    """
     import torch
 
     from megatron_dsv3.recipe import load_recipe
@@ -50,24 +53,34 @@ def plan(recipe_name: str | None, overrides: list[str], nproc: int, extra_args: 
         overrides = ["hardware.device=cuda", "precision=bf16", "backend=auto"] + overrides
     recipe = load_recipe(recipe_name or DEFAULT_RECIPE, overrides)
     if recipe.is_cpu and torch.cuda.is_available():
-        print("[megatron-dsv3] note: the recipe asks for CPU; running on CPU although a GPU is present")
+        print("[megatron-dsv3] note: the recipe asks for CPU; the workers will not see the GPU")
     if not recipe.is_cpu and not torch.cuda.is_available():
         raise ConfigError(
             f"recipe '{recipe.name}' runs on GPUs (hardware.device: cuda) but this machine has none",
             fix="run it on a GPU machine, or add the override hardware.device=cpu (small models only)",
             key="hardware.device",
         )
+    nproc = recipe.parallel.world_size if nproc is None else nproc
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc} must be at least 1", fix="give the number of processes to start",
+                          key="nproc", where="command line")
     argv = recipe.megatron_args(nproc) + list(extra_args)
-    save = recipe.checkpoint.save
-    run_dir = Path(save) if save else Path("runs") / recipe.name
+    checkpoints = recipe.checkpoint.save or recipe.checkpoint.load
+    run_dir = Path(checkpoints) if checkpoints else Path("runs") / recipe.name
     return TrainPlan(
         recipe=recipe,
         argv=argv,
         nproc=nproc,
         run_dir=run_dir,
-        train_iters=recipe.training.train_iters,
+        train_iters=_last_value(argv, "--train-iters"),
         resume_from=_checkpointed_iteration(recipe.checkpoint.load),
     )
+
+
+def _last_value(argv: list[str], flag: str) -> int | None:
+    """The value of ``flag`` as Megatron will read it (the last occurrence wins)."""
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+    return int(values[-1]) if values else None
 
 
 def _checkpointed_iteration(load_dir: str | None) -> int | None:
@@ -92,6 +105,8 @@ def run(train_plan: TrainPlan, *, verbose: bool = False) -> int:
     log_path, metrics_path = p.run_dir / "train.log", p.run_dir / "metrics.jsonl"
     env = dict(os.environ, MEGATRON_DSV3_METRICS=str(metrics_path.resolve()))
     env.setdefault("TORCHDYNAMO_DISABLE", "1")
+    if p.recipe.is_cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU mode stays off where a GPU is visible
     if p.nproc == 1:  # what torchrun would set for one process
         from megatron_dsv3.testing.distributed import free_port
 
@@ -114,11 +129,20 @@ def run(train_plan: TrainPlan, *, verbose: bool = False) -> int:
                 sys.stdout.flush()
         code = proc.wait()
     if code != 0:
-        print(f"[megatron-dsv3] training failed (exit code {code}); the end of {log_path}:", file=sys.stderr)
-        print("".join(log_path.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+        print(f"[megatron-dsv3] training failed (exit code {code}); from {log_path}:", file=sys.stderr)
+        print(_first_traceback(log_path.read_text()), file=sys.stderr)
         return code
     _summary(p, metrics_path, since=started)
     return 0
+
+
+def _first_traceback(log: str, context: int = 40) -> str:
+    """The first worker traceback of the last run in ``log`` (torchrun's own report comes after it)."""
+    lines = log[log.rfind("\n=== ") + 1 :].splitlines()
+    start = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), None)
+    if start is None:
+        return "\n".join(lines[-context:])
+    return "\n".join(lines[start : start + context])
 
 
 def _command(p: TrainPlan) -> list[str]:

@@ -8,11 +8,22 @@ and loss mask, and the stage holding Multi-Token Prediction needs tokens too.
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import torch
 
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+@functools.cache
+def _layout():
+    """Megatron's pipeline layout object (``args`` keeps the ``--pipeline-model-parallel-layout``
+    string; the config holds the parsed object)."""
+    from megatron.training import get_args
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    return core_transformer_config_from_args(get_args()).pipeline_model_parallel_layout
 
 
 def _needs_batch(vp_stage) -> tuple[bool, bool]:
@@ -25,7 +36,7 @@ def _needs_batch(vp_stage) -> tuple[bool, bool]:
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     mtp = bool(args.mtp_num_layers) and mtp_on_this_rank(
-        layout=args.pipeline_model_parallel_layout,
+        layout=_layout(),
         mtp_num_layers=args.mtp_num_layers,
         ignore_virtual=False,
         vp_stage=vp_stage,
@@ -52,7 +63,15 @@ def get_batch(data_iterator, vp_stage=None) -> dict | None:
         torch.distributed.broadcast_object_list(holder, src=src, group=group)
         batch = holder[0]
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if parallel_state.get_context_parallel_world_size() > 1:
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        # This rank's zig-zag share of each sequence, as Megatron's pretrain_gpt.py does.
+        batch = get_batch_on_this_cp_rank(
+            batch, is_hybrid_cp=False, cp_group=parallel_state.get_context_parallel_group()
+        )
+    return batch
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -118,3 +137,19 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
 
 
 datasets_provider.is_distributed = True
+
+
+def embedding_ranks(pp_ranks: list[int]) -> list[int]:
+    """Ranks that hold a copy of the word embedding: the first stage, the last stage when it
+    ties the output head to it, and every stage with MTP (which embeds the shifted tokens)."""
+    from megatron.core.transformer.multi_token_prediction import get_mtp_ranks
+    from megatron.training import get_args
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    ranks = {pp_ranks[0]}
+    if len(pp_ranks) > 1:
+        args = get_args()
+        if not args.untie_embeddings_and_output_weights:
+            ranks.add(pp_ranks[-1])
+        ranks.update(get_mtp_ranks(pp_ranks, core_transformer_config_from_args(args)))
+    return sorted(ranks)

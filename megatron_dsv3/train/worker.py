@@ -25,7 +25,7 @@ def run(argv: list[str]) -> None:
     from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_dsv3.train.steps import datasets_provider, forward_step
+    from megatron_dsv3.train.steps import datasets_provider, embedding_ranks, forward_step
 
     saved = sys.argv
     sys.argv = ["megatron-dsv3-train"] + list(argv)
@@ -35,7 +35,8 @@ def run(argv: list[str]) -> None:
         sys.argv = saved
     model_config = gpt_config_from_args(args)
     config = pretrain_cfg_container_from_args(args, model_config)
-    pretrain(config, datasets_provider, ModelType.encoder_or_decoder, forward_step)
+    pretrain(config, datasets_provider, ModelType.encoder_or_decoder, forward_step,
+             get_embedding_ranks=embedding_ranks)
 
 
 if __name__ == "__main__":
