@@ -3,7 +3,7 @@
 For one H200 whenever a session has one (under 8 minutes).  The GPU machine has torch but neither
 megatron-core nor Transformer Engine: carry the wheels (see docs/benchmarks.md) and run
 
-    python benchmarks/gpu_step.py [--steps 10] [--seq 4096] [--micro-batch 1] [--micro-batches 4]
+    python benchmarks/gpu_step.py [--steps 10] [--seq 4096] [--micro-batch 1] [--micro-batches 4] [--verbose]
 
 MFU is model FLOPs per second (training FLOPs per token from ``megatron_dsv3.accounting``,
 MTP included, times tokens per second) over the bf16 matrix-multiply rate measured on the same GPU
@@ -41,28 +41,33 @@ def main() -> None:
     cli.add_argument("--micro-batch", type=int, default=1)
     cli.add_argument("--micro-batches", type=int, default=4)
     cli.add_argument("--preset", default="dsv3-proxy")
+    cli.add_argument("--verbose", action="store_true", help="show Megatron's logging")
     opts = cli.parse_args()
 
+    from megatron_dsv3.testing.quiet import quiet_megatron, silenced
+
+    quiet_megatron(opts.verbose)
     import torch
 
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_step.py needs a GPU; on CPU use benchmarks/step_time.py")
-    from megatron_dsv3.accounting import count
-    from megatron_dsv3.megatron_args import ParallelLayout
-    from megatron_dsv3.presets import get_preset
+    from megatron_dsv3.model.accounting import count
+    from megatron_dsv3.model.presets import get_preset
+    from megatron_dsv3.parallel import ParallelLayout
     from megatron_dsv3.testing import parallel
-    from megatron_dsv3.testing.distributed import free_port
+    from megatron_dsv3.train.processes import free_port
 
     preset = get_preset(opts.preset).with_overrides(seq_length=opts.seq)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     layout = ParallelLayout()
-    parallel.init_parallel(layout, cpu=False)
-    peak = gemm_tflops()
-    _, _, chunks = parallel.build_chunks(
-        preset, layout, cpu=False, extra_args=("--bf16", "--micro-batch-size", str(opts.micro_batch)),
-    )
-    optimizer = parallel.build_optimizer(chunks, lr=1e-4, bf16=True)
+    with silenced(opts.verbose):
+        parallel.init_parallel(layout, cpu=False, preset=preset)
+        peak = gemm_tflops()
+        _, _, chunks = parallel.build_chunks(
+            preset, layout, cpu=False, extra_args=("--bf16", "--micro-batch-size", str(opts.micro_batch)),
+        )
+        optimizer = parallel.build_optimizer(chunks, lr=1e-4, bf16=True)
     batch = opts.micro_batch * opts.micro_batches
     tokens = parallel.fixed_tokens(preset, batch, seed=0).cuda()
     times = []

@@ -7,7 +7,10 @@ Megatron's own MLA spec cannot run MLA on the local backend (its ``DotProductAtt
 ``get_gpt_mtp_block_spec`` as they are and swaps in only a core attention that can run MLA (ours),
 which is the smallest change that makes it run.  Target: ratio <= 1.02 (the plugin adds no cost).
 
-    python benchmarks/step_time.py [--steps 30] [--warmup 5]
+    python benchmarks/step_time.py [--steps 30] [--warmup 5] [--verbose]
+
+Ours is built exactly as ``megatron-dsv3 train`` builds it (the recipe composer's arguments and
+Megatron's builder, through ``megatron_dsv3.testing.parallel.build_chunks``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def megatron_reference_spec(config):
     """Megatron-Core's own block and MTP specs for this config, with an MLA-capable core attention."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 
-    from megatron_dsv3.spec.attention import MLACoreAttention
+    from megatron_dsv3.model.attention import MLACoreAttention
 
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     for layer in block.layer_specs:
@@ -33,18 +36,24 @@ def megatron_reference_spec(config):
     return block, mtp
 
 
-def build(config, args, spec, mtp):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+def build_reference(args):
+    """``(config, model)``: Megatron's own spec functions, built directly into a DDP-wrapped ``GPTModel``."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.models.gpt import GPTModel
+    from megatron.training.training import get_megatron_ddp_config
 
+    from megatron_dsv3.args.settings import transformer_config
+
+    config = transformer_config(args)
+    config.finalize_model_grads_func = finalize_model_grads
+    spec, mtp = megatron_reference_spec(config)
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size or args.vocab_size,
         max_sequence_length=args.seq_length, position_embedding_type="rope", mtp_block_spec=mtp,
         share_embeddings_and_output_weights=False,
     )
-    return DistributedDataParallel(
-        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
-    )
+    return config, DistributedDataParallel(config, get_megatron_ddp_config(args), model)
 
 
 def main() -> None:
@@ -52,35 +61,31 @@ def main() -> None:
     cli.add_argument("--steps", type=int, default=30)
     cli.add_argument("--warmup", type=int, default=5)
     cli.add_argument("--batch", type=int, default=8)
+    cli.add_argument("--verbose", action="store_true", help="show Megatron's logging")
     opts = cli.parse_args()
 
-    import torch
-    from megatron.training.arguments import core_transformer_config_from_args
+    from megatron_dsv3.testing.quiet import quiet_megatron, silenced
 
-    from megatron_dsv3 import dsv3
-    from megatron_dsv3.config import megatron_argv, parse_megatron_args
-    from megatron_dsv3.megatron_args import ParallelLayout
+    quiet_megatron(opts.verbose)
+    import torch
+
+    from megatron_dsv3.parallel import ParallelLayout
     from megatron_dsv3.testing import parallel
-    from megatron_dsv3.testing.distributed import free_port
+    from megatron_dsv3.train.processes import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-    parallel.init_parallel(ParallelLayout())
-    args = parse_megatron_args(megatron_argv("dsv3-tiny", cpu=True))
-    config = core_transformer_config_from_args(args)
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-
-    config.finalize_model_grads_func = finalize_model_grads
-
-    ours_spec = dsv3(config)
-    torch.manual_seed(0)
-    ours = build(config, args, ours_spec, ours_spec.mtp_block_spec)
-    ref_spec, ref_mtp = megatron_reference_spec(config)
-    torch.manual_seed(0)
-    ref = build(config, args, ref_spec, ref_mtp)
+    with silenced(opts.verbose):
+        parallel.init_parallel(ParallelLayout())
+        torch.manual_seed(0)
+        config, args, (ours,) = parallel.build_chunks("dsv3-tiny", ParallelLayout())
+        ref_config, ref = build_reference(args)
     # Same weights in both (names and shapes agree one to one).
     ref.module.load_state_dict(ours.module.state_dict(), strict=True)
+    ref_config.no_sync_func = ref.no_sync
     models = {"dsv3 spec (ours)": ours, "Megatron-Core spec": ref}
-    optimizers = {name: parallel.build_optimizer([m], lr=1e-3) for name, m in models.items()}
+    configs = {"dsv3 spec (ours)": config, "Megatron-Core spec": ref_config}
+    with silenced(opts.verbose):
+        optimizers = {name: parallel.build_optimizer([m], lr=1e-3) for name, m in models.items()}
     tokens = parallel.fixed_tokens("dsv3-tiny", opts.batch, seed=0)
 
     times = {name: [] for name in models}
@@ -88,7 +93,7 @@ def main() -> None:
     for step in range(opts.warmup + opts.steps):
         for name, model in models.items():
             start = time.perf_counter()
-            result = parallel.train_step([model], config, tokens, micro_batch_size=opts.batch // 2,
+            result = parallel.train_step([model], configs[name], tokens, micro_batch_size=opts.batch // 2,
                                          optimizer=optimizers[name])
             elapsed = time.perf_counter() - start
             if step >= opts.warmup:

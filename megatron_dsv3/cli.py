@@ -17,8 +17,8 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def cmd_info(ns: argparse.Namespace) -> int:
-    from megatron_dsv3.accounting import count
-    from megatron_dsv3.presets import get_preset
+    from megatron_dsv3.model.accounting import count
+    from megatron_dsv3.model.presets import get_preset
 
     preset = get_preset(ns.preset)
     counts = count(preset)
@@ -44,7 +44,7 @@ def cmd_info(ns: argparse.Namespace) -> int:
 
 
 def cmd_changes(ns: argparse.Namespace) -> int:
-    from megatron_dsv3.runtime.registry import all_changes, render_markdown
+    from megatron_dsv3.runtime.catalog import all_changes, render_markdown
 
     if ns.markdown:
         sys.stdout.write(render_markdown())
@@ -59,9 +59,10 @@ def cmd_changes(ns: argparse.Namespace) -> int:
 def cmd_args(ns: argparse.Namespace) -> int:
     import shlex
 
+    from megatron_dsv3.args.compose import recipe_argv
     from megatron_dsv3.recipe import load_recipe
 
-    argv = load_recipe(ns.recipe, ns.overrides).megatron_args(ns.world_size)
+    argv = recipe_argv(load_recipe(ns.recipe, ns.overrides), ns.world_size)
     if ns.format == "shell":
         print(shlex.join(argv))
     elif ns.format == "lines":
@@ -140,7 +141,7 @@ def cmd_specs(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from megatron_dsv3 import __version__
-    from megatron_dsv3.presets import PRESETS
+    from megatron_dsv3.model.presets import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="megatron-dsv3",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # Megatron's jit fuser would compile for ~10 s
@@ -9,14 +10,36 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # Megatron's jit fuser would 
 import pytest
 
 
+@contextlib.contextmanager
+def gpu_machine(monkeypatch, enabled: bool = True):
+    """Let Megatron's validate_args accept Transformer Engine, grouped GEMM and TP on this CPU machine
+    (a Hopper GPU with Transformer Engine, as far as argument validation can tell)."""
+    if not enabled:
+        yield
+        return
+    import megatron.training.arguments as megatron_arguments
+    import torch
+
+    import megatron_dsv3.model.backends as backends
+
+    with monkeypatch.context() as m:
+        m.setattr(backends, "transformer_engine_status", lambda: backends.TransformerEngineStatus(True, "", True))
+        m.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+        m.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
+        m.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        yield
+
+
 @pytest.fixture(scope="session")
 def megatron_single_process():
-    """CPU mode plus a one-rank gloo world with Megatron's parallel state (TP = PP = EP = 1)."""
+    """The plugin active, CPU mode, and a one-rank gloo world with Megatron's parallel state (TP = PP = EP = 1)."""
     import torch
 
     from megatron_dsv3.cpu import enable_cpu_mode
-    from megatron_dsv3.testing.distributed import free_port
+    from megatron_dsv3.launch import activate
+    from megatron_dsv3.train.processes import free_port
 
+    activate(source="tests")
     enable_cpu_mode()
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed

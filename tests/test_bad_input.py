@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from megatron_dsv3.config import megatron_argv
+from megatron_dsv3.args.compose import megatron_argv
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.megatron_args import ParallelLayout
-from megatron_dsv3.presets import get_preset
+from megatron_dsv3.parallel import ParallelLayout
+from megatron_dsv3.model.presets import get_preset
 
 TINY = get_preset("dsv3-tiny")
 

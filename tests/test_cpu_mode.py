@@ -40,7 +40,7 @@ cpu.gpu_available = lambda: True  # what a GPU machine reports
 zeros = torch.zeros
 assert cpu.enable_cpu_mode() is False
 assert torch.zeros is zeros and not cpu.is_cpu_mode()
-from megatron_dsv3.runtime.registry import all_changes
+from megatron_dsv3.runtime.catalog import all_changes
 assert not any(c.applied for c in all_changes() if c.group == "cpu")
 print("UNCHANGED")
 """

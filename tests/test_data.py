@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from megatron_dsv3 import data
-from megatron_dsv3.presets import get_preset
+from megatron_dsv3.model.presets import get_preset
 
 EOD = 2  # `</s>` in tools/train_tokenizer.py; Megatron's GPTSentencePieceTokenizer eod is eos_id
 SAMPLE = "Return a new list containing all items from the iterable in ascending order."

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_dsv3 import hf_mapping
-from megatron_dsv3.presets import get_preset
+from megatron_dsv3.model import hf_names as hf_mapping
+from megatron_dsv3.model.presets import get_preset
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,13 +73,11 @@ def _hf_checkpoint_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def _megatron_model(p):
-    from megatron.training.arguments import core_transformer_config_from_args
+    from megatron_dsv3.parallel import ParallelLayout
+    from megatron_dsv3.testing.parallel import build_chunks
 
-    from megatron_dsv3.config import megatron_argv, parse_megatron_args
-    from megatron_dsv3.model import build_gpt_model
-
-    config = core_transformer_config_from_args(parse_megatron_args(megatron_argv(p, cpu=True)))
-    return build_gpt_model(config, vocab_size=p.vocab_size, seq_length=p.seq_length).eval()
+    _, _, (model,) = build_chunks(p, ParallelLayout(), ddp=False)
+    return model.eval()
 
 
 def _randomize(hf_model, seed: int) -> None:
@@ -134,15 +132,11 @@ def test_name_table_covers_exactly_the_built_models_weights(preset, megatron_sin
     """Every parameter (and expert bias) of the built model, MTP included, has one HF name."""
     import torch as _torch
 
-    from megatron.training.arguments import core_transformer_config_from_args
+    from megatron_dsv3.parallel import ParallelLayout
+    from megatron_dsv3.testing.parallel import build_chunks
 
-    from megatron_dsv3.config import megatron_argv, parse_megatron_args
-    from megatron_dsv3.model import build_gpt_model
-
-    config = core_transformer_config_from_args(parse_megatron_args(megatron_argv(preset, cpu=True)))
-    config.perform_initialization = False
     with _torch.device("meta"):
-        model = build_gpt_model(config, vocab_size=preset.vocab_size, seq_length=preset.seq_length)
+        _, _, (model,) = build_chunks(preset, ParallelLayout(), ddp=False, extra_args=("--no-initialization",))
     built = {n for n, _ in model.named_parameters()} | {
         n for n, _ in model.named_buffers() if n.endswith("expert_bias")}
     table = hf_mapping.name_table(preset, include_mtp=True)

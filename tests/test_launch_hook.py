@@ -26,9 +26,11 @@ pytestmark = pytest.mark.skipif(
 _PRETRAIN_GPT_ARGS = textwrap.dedent(
     """
     import contextlib, io, sys
-    from megatron_dsv3.config import megatron_argv
+    from megatron_dsv3.args.compose import megatron_argv
     spec = sys.argv[1:]
-    sys.argv = ["pretrain_gpt.py", "--spec", *spec] + megatron_argv("dsv3-tiny", cpu=True) + [
+    argv = megatron_argv("dsv3-tiny", cpu=True)
+    assert argv[:2] == ["--spec", "dsv3"]
+    sys.argv = ["pretrain_gpt.py", "--spec", *spec] + argv[2:] + [
         "--mock-data", "--tokenizer-type", "NullTokenizer", "--train-iters", "1", "--global-batch-size", "1"]
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.argument_utils import gpt_config_from_args

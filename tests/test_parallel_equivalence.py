@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_dsv3.megatron_args import ParallelLayout
+from megatron_dsv3.parallel import ParallelLayout
 from megatron_dsv3.testing.equivalence import compare_layouts
 
 LAYOUTS = {

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from megatron_dsv3.accounting import count
-from megatron_dsv3.presets import PRESETS, get_preset
+from megatron_dsv3.model.accounting import count
+from megatron_dsv3.model.presets import PRESETS, get_preset
 
 
 def test_deepseek_v3_preset_matches_the_paper_numbers():
@@ -66,16 +66,11 @@ def _built_parameter_count(preset) -> int:
     """Parameters of the GPTModel Megatron builds from the dsv3 spec, on the meta device."""
     import torch
 
-    from megatron_dsv3.config import megatron_argv, parse_megatron_args
-    from megatron_dsv3.model import build_gpt_model
-    from megatron.training.arguments import core_transformer_config_from_args
+    from megatron_dsv3.parallel import ParallelLayout
+    from megatron_dsv3.testing.parallel import build_chunks
 
-    args = parse_megatron_args(megatron_argv(preset, backend="local", cpu=True))
-    config = core_transformer_config_from_args(args)
-    config.perform_initialization = False
     with torch.device("meta"):
-        model = build_gpt_model(config, vocab_size=preset.vocab_size, seq_length=preset.seq_length,
-                                pre_process=True, post_process=True)
+        _, _, (model,) = build_chunks(preset, ParallelLayout(), ddp=False, extra_args=("--no-initialization",))
     return sum(p.numel() for p in model.parameters())
 
 

@@ -5,7 +5,6 @@ Paper numbers cited here are in ../shared/FACTS.md; Megatron behaviour is read f
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import re
@@ -14,20 +13,26 @@ from types import SimpleNamespace
 
 import pytest
 
-import megatron_dsv3.backend
 import megatron_dsv3.data
-from megatron_dsv3.accounting import count
+from megatron_dsv3.args.compose import recipe_argv
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.model.accounting import count
+from megatron_dsv3.parallel import placement_for
+from megatron_dsv3.pipeline.in_flight import megatron_in_flight as in_flight
 from megatron_dsv3.recipe import (
     check_recipe,
     estimate_memory,
     load_recipe,
     loads_recipe,
+    parallel_layout,
     shipped_recipes,
     validate_recipe,
 )
 from megatron_dsv3.recipe.schema import Recipe, schema_fields, yaml_name
-from megatron_dsv3.recipe.stages import in_flight, placement
+
+
+def placement(preset, layout):
+    return placement_for(preset, layout).rows
 
 SHIPPED = [
     "deepseek-v3-671b-h800-2048",
@@ -122,7 +127,7 @@ def test_h800_recipe_uses_the_papers_parallelism_and_hyper_parameters():
     """FACTS.md: PP16, EP64 over 8 nodes, ZeRO-1, no TP; AdamW 0.9/0.95, wd 0.1, lr 2.2e-4, clip 1.0,
     batch 3072 -> 15360 over 469B tokens, seq 4K, MTP 0.3, bias update 0.001, seq-aux 1e-4."""
     r = load_recipe("deepseek-v3-671b-h800-2048")
-    lay = r.layout()
+    lay = parallel_layout(r)
     assert (r.parallel.world_size, lay.tp, lay.pp, lay.ep, lay.dp) == (2048, 1, 16, 64, 128)
     assert lay.ep // r.hardware.gpus_per_node == 8 and r.training.use_distributed_optimizer
     t, p = r.training, r.preset
@@ -136,7 +141,7 @@ def test_h800_recipe_uses_the_papers_parallelism_and_hyper_parameters():
 
 def test_h800_layout_puts_embedding_on_the_first_stage_and_mtp_with_the_loss_on_the_last():
     r = load_recipe("deepseek-v3-671b-h800-2048")
-    chunks = [row[0] for row in placement(r.preset, r.layout())]
+    chunks = [row[0] for row in placement(r.preset, parallel_layout(r))]
     assert chunks[0].embedding and chunks[0].decoders == (0, 1, 2)
     assert chunks[-1].mtp == 1 and chunks[-1].loss and chunks[-1].decoders == (59, 60)
     assert [i for c in chunks for i in c.decoders] == list(range(61))
@@ -144,7 +149,7 @@ def test_h800_layout_puts_embedding_on_the_first_stage_and_mtp_with_the_loss_on_
 
 def test_h100_layout_gives_four_virtual_stages_per_rank():
     r = load_recipe("deepseek-v3-671b-h100-1024")
-    rows = placement(r.preset, r.layout())
+    rows = placement(r.preset, parallel_layout(r))
     assert len(rows) == 8 and all(len(row) == 4 for row in rows)
     assert sorted(i for row in rows for c in row for i in c.decoders) == list(range(61))
     assert rows[7][3].mtp == 1 and rows[7][3].loss and rows[0][0].embedding
@@ -167,28 +172,16 @@ def test_check_says_does_not_fit_on_a_smaller_gpu_and_is_not_ok():
 
 
 # ---- Megatron's parser on the produced arguments ----
-@contextlib.contextmanager
-def hopper_gpu(monkeypatch):
-    """Let Megatron's validate_args accept Transformer Engine, grouped GEMM and TP on this CPU machine."""
-    import megatron.training.arguments as megatron_arguments
-    import torch
-
-    with monkeypatch.context() as m:
-        m.setattr(megatron_dsv3.backend, "transformer_engine_usable", lambda: True)
-        m.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
-        m.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
-        m.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-        yield
-
-
 def parse(recipe, argv, world_size, monkeypatch):
-    from megatron_dsv3.config import parse_megatron_args
+    from conftest import gpu_machine
+
+    from megatron_dsv3.args.settings import parse_megatron_args
     from megatron_dsv3.cpu import cpu_mode
 
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setenv("RANK", "0")
     assert argv[:2] == ["--spec", "dsv3"]
-    context = cpu_mode() if recipe.is_cpu else hopper_gpu(monkeypatch)
+    context = cpu_mode() if recipe.is_cpu else gpu_machine(monkeypatch)
     with context:
         return parse_megatron_args(argv[2:])
 
@@ -196,11 +189,11 @@ def parse(recipe, argv, world_size, monkeypatch):
 def test_auto_backend_is_chosen_on_the_machine_that_runs_the_job(monkeypatch):
     """Arguments made on a login node say `auto`; a machine without TE resolves it to local."""
     recipe = load_recipe("dsv3-proxy-1gpu", ["backend=auto"])
-    argv = recipe.megatron_args()
+    argv = recipe_argv(recipe)
     assert argv[argv.index("--dsv3-backend") + 1] == "auto" and "--transformer-impl" not in argv
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
-    from megatron_dsv3.config import parse_megatron_args
+    from megatron_dsv3.args.settings import parse_megatron_args
 
     args = parse_megatron_args(argv[2:])  # this machine: no GPU, no Transformer Engine
     assert args.transformer_impl == "local"
@@ -210,13 +203,13 @@ def test_auto_backend_is_chosen_on_the_machine_that_runs_the_job(monkeypatch):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_recipe_args_parse_with_megatrons_parser_into_the_intended_layout(name, monkeypatch):
     recipe = load_recipe(name)
-    argv = recipe.megatron_args()
+    argv = recipe_argv(recipe)
     args = parse(recipe, argv, recipe.parallel.world_size, monkeypatch)
     par, t, p = recipe.parallel, recipe.training, recipe.preset
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (par.tp, par.pp)
     assert (args.expert_model_parallel_size, args.expert_tensor_parallel_size) == (par.ep, par.etp)
     assert args.context_parallel_size == par.cp
-    assert args.data_parallel_size == recipe.layout().dp
+    assert args.data_parallel_size == parallel_layout(recipe).dp
     assert args.virtual_pipeline_model_parallel_size == (par.vpp if par.vpp and par.vpp > 1 else None)
     assert args.sequence_parallel == par.sp
     assert args.pipeline_model_parallel_layout == par.layout
@@ -241,7 +234,7 @@ def test_shipped_recipe_args_parse_with_megatrons_parser_into_the_intended_layou
 
 def test_tiny_cpu_recipe_args_parse_with_two_processes(monkeypatch):
     recipe = load_recipe("dsv3-tiny-cpu")
-    args = parse(recipe, recipe.megatron_args(world_size=2), 2, monkeypatch)
+    args = parse(recipe, recipe_argv(recipe, world_size=2), 2, monkeypatch)
     assert args.data_parallel_size == 2 and args.expert_model_parallel_size == 1
     assert args.distributed_backend == "gloo" and args.transformer_impl == "local"
     assert args.data_path == [FAKE_DATA_ARGS[1]]
@@ -250,7 +243,7 @@ def test_tiny_cpu_recipe_args_parse_with_two_processes(monkeypatch):
 
 def test_args_start_with_spec_and_end_with_the_raw_megatron_args(tmp_path):
     path = write(tmp_path, TINY + "megatron_args: [--log-throughput, --seed, 7]\n")
-    argv = load_recipe(path).megatron_args()
+    argv = recipe_argv(load_recipe(path))
     assert argv[:2] == ["--spec", "dsv3"]
     assert argv[-3:] == ["--log-throughput", "--seed", "7"]
     assert "--dsv3-cpu" in argv and "--bf16" not in argv
@@ -258,7 +251,7 @@ def test_args_start_with_spec_and_end_with_the_raw_megatron_args(tmp_path):
 
 def test_layout_string_replaces_the_virtual_stage_flag():
     """validate_args: at most one of --num-virtual-stages-per-pipeline-rank and --pipeline-model-parallel-layout."""
-    argv = load_recipe("deepseek-v3-671b-h100-1024").megatron_args()
+    argv = recipe_argv(load_recipe("deepseek-v3-671b-h100-1024"))
     assert "--pipeline-model-parallel-layout" in argv
     assert "--num-virtual-stages-per-pipeline-rank" not in argv
 
@@ -269,7 +262,7 @@ def test_batch_ramp_becomes_a_step_schedule_with_the_old_ramps_batch_sizes():
     from megatron.core.num_microbatches_calculator import StepBatchsizeNumMicroBatchesCalculator
 
     r = load_recipe("deepseek-v3-671b-h800-2048")
-    argv = r.megatron_args()
+    argv = recipe_argv(r)
     schedule = argv[argv.index("--step-batch-size-schedule") + 1]
     assert "--global-batch-size" not in argv and "--rampup-batch-size" not in argv
     calc = StepBatchsizeNumMicroBatchesCalculator(
@@ -283,13 +276,13 @@ def test_batch_ramp_becomes_a_step_schedule_with_the_old_ramps_batch_sizes():
 
 
 def test_data_sources_map_to_megatron_data_arguments(tmp_path, embedded_data):
-    mock = load_recipe(write(tmp_path, TINY, "mock.yaml")).megatron_args()
+    mock = recipe_argv(load_recipe(write(tmp_path, TINY, "mock.yaml")))
     assert mock[mock.index("--mock-data"):][:5] == ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "4096"]
     embedded = load_recipe(write(tmp_path, TINY.replace("source: mock", "source: embedded\n  cache_dir: /c"), "e.yaml"))
-    assert embedded.megatron_args()[-len(FAKE_DATA_ARGS) - 2:-2] == FAKE_DATA_ARGS
+    assert recipe_argv(embedded)[-len(FAKE_DATA_ARGS) - 2:-2] == FAKE_DATA_ARGS
     assert embedded_data == ["/c"]
     files = TINY.replace("source: mock", "source: files\n  paths: [0.3, /d/a, 0.7, /d/b]\n  tokenizer_type: GPT2BPETokenizer")
-    argv = load_recipe(write(tmp_path, files, "f.yaml")).megatron_args()
+    argv = recipe_argv(load_recipe(write(tmp_path, files, "f.yaml")))
     assert argv[argv.index("--data-path"):][:5] == ["--data-path", "0.3", "/d/a", "0.7", "/d/b"]
 
 
@@ -322,7 +315,7 @@ def test_unknown_model_field_suggests_a_preset_field(tmp_path):
 def test_ep_not_dividing_the_experts_is_an_error_at_the_ep_line(tmp_path):
     path = write(tmp_path, TINY.replace("world_size: 1", "world_size: 3").replace("ep: 1", "ep: 3"))
     with pytest.raises(ConfigError) as err:
-        load_recipe(path).megatron_args()
+        recipe_argv(load_recipe(path))
     text = str(err.value)
     assert f"{path}:{line_of(path, 'ep: 3')}:" in text
     assert "parallel.ep=3 does not divide model.num_routed_experts=16" in text and "Fix:" in text
@@ -377,7 +370,7 @@ def test_invalid_pipeline_layout_is_rejected_by_megatrons_layout_class(tmp_path)
 def test_inconsistent_recipe_errors_name_line_key_and_fix(tmp_path, change, key, words):
     path = write(tmp_path, TINY.replace(*change))
     with pytest.raises(ConfigError) as err:
-        load_recipe(path).megatron_args()
+        recipe_argv(load_recipe(path))
     text = str(err.value)
     assert words in text and "Fix:" in text
     assert re.search(rf"{re.escape(str(path))}:\d+:", text)
@@ -431,7 +424,7 @@ def saved_activation_bytes(preset: str, micro_batch_size: int, variants: list[li
     the built model (parameters excluded), per list of extra Megatron arguments."""
     import torch
 
-    from megatron_dsv3.megatron_args import ParallelLayout
+    from megatron_dsv3.parallel import ParallelLayout
     from megatron_dsv3.testing.parallel import _microbatches, build_chunks, fixed_tokens, init_parallel
 
     init_parallel(ParallelLayout())
@@ -485,7 +478,7 @@ def test_micro_batches_in_flight_match_megatrons_schedules():
     """get_pp_rank_microbatches: warmup forwards + 1 before the first backward; get_schedule_table: chunk order."""
     from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches, get_schedule_table
 
-    from megatron_dsv3.recipe.stages import forward_order
+    from megatron_dsv3.pipeline.in_flight import forward_order
 
     for pp, vpp, mb in [(4, 1, 8), (16, 1, 120), (2, 1, 1), (4, 2, 8), (8, 4, 128), (4, 3, 4)]:
         for rank in range(pp):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_dsv3.presets import get_preset
+from megatron_dsv3.model.presets import get_preset
 
 SMALL_ROUTER = dict(num_routed_experts=8, moe_router_topk=2, num_groups=1, group_topk=1, route_scale=2.5)
 
@@ -19,7 +19,8 @@ SMALL_ROUTER = dict(num_routed_experts=8, moe_router_topk=2, num_groups=1, group
 def _config(**overrides):
     from megatron.training.arguments import core_transformer_config_from_args
 
-    from megatron_dsv3.config import megatron_argv, parse_megatron_args
+    from megatron_dsv3.args.compose import megatron_argv
+    from megatron_dsv3.args.settings import parse_megatron_args
 
     preset = get_preset("dsv3-tiny").with_overrides(**overrides)
     return core_transformer_config_from_args(parse_megatron_args(megatron_argv(preset, cpu=True)))
@@ -74,11 +75,11 @@ def test_group_limited_routing_picks_groups_by_the_sum_of_their_top_scores(megat
 
 
 def _tiny_model(**overrides):
-    from megatron_dsv3.model import build_gpt_model
+    from megatron_dsv3.parallel import ParallelLayout
+    from megatron_dsv3.testing.parallel import build_chunks
 
-    config = _config(**overrides)
-    preset = get_preset("dsv3-tiny")
-    model = build_gpt_model(config, vocab_size=preset.vocab_size, seq_length=preset.seq_length)
+    preset = get_preset("dsv3-tiny").with_overrides(**overrides)
+    config, _, (model,) = build_chunks(preset, ParallelLayout(), ddp=False)
     return config, model
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_dsv3.runtime import registry
+from megatron_dsv3.runtime import catalog, registry
 
-CHANGES = registry.all_changes()
+CHANGES = catalog.all_changes()
 
 
 @pytest.mark.parametrize("change", CHANGES, ids=[c.name for c in CHANGES])
@@ -39,14 +39,14 @@ def test_every_change_says_why_which_versions_and_how_to_tell_it_was_fixed(chang
 
 def test_changes_doc_is_generated_from_the_registry():
     doc = Path(__file__).resolve().parents[1] / "docs" / "megatron-changes.md"
-    assert doc.read_text() == registry.render_markdown(), (
+    assert doc.read_text() == catalog.render_markdown(), (
         "docs/megatron-changes.md is stale: run `megatron-dsv3 changes --markdown > docs/megatron-changes.md`"
     )
 
 
 _TWICE = """
 import megatron_dsv3.cpu as cpu, torch
-from megatron_dsv3.runtime.registry import apply_group, all_changes
+from megatron_dsv3.runtime.catalog import apply_group, all_changes
 cpu.enable_cpu_mode()
 for group in ("launch", "model", "train"):
     apply_group(group)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_dsv3.megatron_args import ParallelLayout
-from megatron_dsv3.presets import get_preset
+from megatron_dsv3.parallel import ParallelLayout
+from megatron_dsv3.model.presets import get_preset
 
 PRESET = get_preset("dsv3-tiny").with_overrides(num_layers=8, first_k_dense=3)
 
@@ -19,7 +19,8 @@ PRESET = get_preset("dsv3-tiny").with_overrides(num_layers=8, first_k_dense=3)
 def _config(layout: ParallelLayout, monkeypatch):
     from megatron.training.arguments import core_transformer_config_from_args
 
-    from megatron_dsv3.config import megatron_argv, parse_megatron_args
+    from megatron_dsv3.args.compose import megatron_argv
+    from megatron_dsv3.args.settings import parse_megatron_args
 
     monkeypatch.setenv("WORLD_SIZE", str(layout.world_size))
     monkeypatch.setenv("RANK", "0")
@@ -30,11 +31,11 @@ def _describe(config, pp_rank: int, vp_stage):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megatron_dsv3 import dsv3
-    from megatron_dsv3.spec.layers import stage_layer_ids
+    from megatron_dsv3.parallel import placement_of
 
     spec = dsv3(config, vp_stage=vp_stage, pp_rank=pp_rank)
     kinds = ["moe" if s.submodules.mlp.func is MoELayer else "dense" for s in spec.layer_specs]
-    return stage_layer_ids(config, vp_stage, pp_rank), kinds, spec.mtp_block_spec is not None
+    return list(placement_of(config).chunk(pp_rank, vp_stage).decoders), kinds, spec.mtp_block_spec is not None
 
 
 def _expected(layer_ids):
@@ -75,7 +76,7 @@ def test_mtp_block_is_built_from_the_same_layer_spec(monkeypatch, megatron_singl
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
     from megatron_dsv3 import dsv3
-    from megatron_dsv3.spec.attention import MLACoreAttention
+    from megatron_dsv3.model.attention import MLACoreAttention
 
     config = _config(ParallelLayout(), monkeypatch)
     spec = dsv3(config)

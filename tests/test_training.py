@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_dsv3.megatron_args import ParallelLayout
+from megatron_dsv3.parallel import ParallelLayout
 from megatron_dsv3.testing import parallel
 
 

@@ -37,9 +37,10 @@ def enable_cpu_mode() -> bool:
         return True
     if gpu_available():
         return False
-    from megatron_dsv3.runtime.registry import apply_group
+    from megatron_dsv3.runtime import cpu_changes
+    from megatron_dsv3.runtime.registry import apply_changes, changes_in
 
-    apply_group("cpu")
+    apply_changes(changes_in(cpu_changes))
     _state["enabled"] = True
     return True
 
@@ -48,9 +49,10 @@ def disable_cpu_mode() -> None:
     """Undo :func:`enable_cpu_mode` (used by the context manager and tests)."""
     if not _state["enabled"]:
         return
-    from megatron_dsv3.runtime.registry import revert_group
+    from megatron_dsv3.runtime import cpu_changes
+    from megatron_dsv3.runtime.registry import changes_in, revert_changes
 
-    revert_group("cpu")
+    revert_changes(changes_in(cpu_changes))
     _state["enabled"] = False
 
 

@@ -102,13 +102,17 @@ def prepare_dataset(cache_dir: Path | str | None = None) -> str:
     own temporary folder next to the final one and renames it into place, which is atomic; a
     process that loses the race discards its copy.  The final folder therefore exists only when
     complete, and a temporary folder left by a killed process (``.corpus-<hash>.tmp-*``) is never
-    read.
+    read.  A prepared folder whose files do not agree with their own index (a truncated ``.bin``, a
+    damaged ``.idx``) is rebuilt, with a note: it is this cache's own derived copy of the corpus.
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = cache_dir / dataset_dir_name()
     prefix = final / DATASET_NAME
     if _is_complete(prefix):
-        return str(prefix)
+        damage = dataset_damage(prefix)
+        if damage is None:
+            return str(prefix)
+        _set_aside(final, damage)
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
     try:
@@ -127,6 +131,56 @@ def prepare_dataset(cache_dir: Path | str | None = None) -> str:
 
 def _is_complete(prefix: Path) -> bool:
     return prefix.with_suffix(".idx").is_file() and prefix.with_suffix(".bin").is_file()
+
+
+_INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron/core/datasets/indexed_dataset.py, format version 1
+_ITEM_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 8, 8: 2}  # DType codes -> bytes per token
+
+
+def dataset_damage(prefix: Path | str) -> str | None:
+    """Why ``prefix.idx``/``prefix.bin`` cannot be read as Megatron's indexed data set, or None.
+
+    Reads the index as Megatron's ``_IndexReader`` does (header, version, dtype, sequence and
+    document counts, lengths, pointers) and checks that the ``.bin`` file holds every sequence.
+    """
+    import struct
+
+    import numpy as np
+
+    prefix = Path(prefix)
+    idx, bin_ = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
+    data = idx.read_bytes()
+    if len(data) < 34 or data[:9] != _INDEX_HEADER or struct.unpack_from("<Q", data, 9)[0] != 1:
+        return f"{idx} does not start with Megatron's index header"
+    code = data[17]
+    if code not in _ITEM_SIZES:
+        return f"{idx} names an unknown token type ({code})"
+    sequences, documents = struct.unpack_from("<QQ", data, 18)
+    need = 34 + sequences * 12 + documents * 8
+    if len(data) < need:
+        return f"{idx} has {len(data):,} bytes but its counts need {need:,} (truncated)"
+    if sequences == 0:
+        return None
+    lengths = np.frombuffer(data, dtype=np.int32, count=sequences, offset=34)
+    pointers = np.frombuffer(data, dtype=np.int64, count=sequences, offset=34 + lengths.nbytes)
+    size = int(pointers[-1]) + int(lengths[-1]) * _ITEM_SIZES[code]
+    if bin_.stat().st_size != size:
+        return f"{bin_} has {bin_.stat().st_size:,} bytes but its index describes {size:,}"
+    return None
+
+
+def _set_aside(folder: Path, damage: str) -> None:
+    """Move a damaged prepared folder out of the way (then remove it: it is derived data)."""
+    import sys
+
+    aside = folder.with_name(f".{folder.name}.damaged-{os.getpid()}")
+    try:
+        os.rename(folder, aside)
+    except OSError:
+        return  # another process is already replacing it
+    print(f"megatron-dsv3: the prepared corpus in {folder} was damaged ({damage}); rebuilding it from the"
+          " embedded corpus", file=sys.stderr)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_indexed_dataset(prefix: Path | str) -> int:

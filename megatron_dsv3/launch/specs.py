@@ -87,4 +87,13 @@ def is_dsv3_spec(tokens) -> bool:
         return False
     tokens = [tokens] if isinstance(tokens, str) else list(tokens)
     module = registered_specs().get(tokens[0], "").partition(":")[0] if len(tokens) == 1 else tokens[0]
+    return _ours(module)
+
+
+def is_dsv3_spec_object(spec) -> bool:
+    """True when a resolved spec (what ``--spec`` named) is one of megatron-dsv3's own."""
+    return _ours(getattr(spec, "__module__", None) or "")
+
+
+def _ours(module: str) -> bool:
     return module == "megatron_dsv3" or module.startswith("megatron_dsv3.")

@@ -1,50 +1,20 @@
-"""Recipe validation and the printable check report (``megatron-dsv3 check RECIPE``).
+"""Recipe validation: everything that must hold before Megatron starts.
 
-:func:`validate_recipe` runs :func:`megatron_dsv3.validation.validate` (model and parallel sizes)
-and the recipe-level rules below, each raising a :class:`ConfigError` placed at the recipe's
-``file:line``.  :func:`check_recipe` never raises for a bad recipe: it collects the error and the
-memory estimate into a :class:`CheckReport`.
+:func:`validate_recipe` runs :func:`megatron_dsv3.model.validation.validate` (model, parallel sizes,
+pipeline schedule and placement) and the recipe-level rules below, each raising a
+:class:`ConfigError` placed at the recipe's ``file:line``.  ``megatron-dsv3 check`` reports it
+(:mod:`megatron_dsv3.recipe.report`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.megatron_args import ParallelLayout, model_args
-from megatron_dsv3.validation import validate
-
-
-def _fail(recipe, path: str, problem: str, fix: str) -> ConfigError:
-    return ConfigError(problem, fix=fix, key=path, where=recipe.where(path))
-
-
-def parallel_layout(recipe, world_size: int | None = None) -> ParallelLayout:
-    """The recipe's parallel sizes at ``world_size``; dp = world_size / (tp * pp * cp)."""
-    par, ws = recipe.parallel, recipe.world_size(world_size)
-    given = "" if world_size is None else " (the number of processes asked for)"
-    if not isinstance(ws, int) or ws < 1:
-        raise _fail(recipe, "parallel.world_size", f"parallel.world_size={ws!r}{given} must be a positive integer",
-                    "set the number of GPUs")
-    model_ranks = par.tp * par.pp * par.cp
-    if model_ranks < 1 or ws % model_ranks:
-        raise _fail(
-            recipe, "parallel.world_size",
-            f"parallel.world_size={ws}{given} is not divisible by parallel.tp x pp x cp ="
-            f" {par.tp} x {par.pp} x {par.cp} = {model_ranks}",
-            f"use a multiple of {model_ranks} GPUs, or change tp, pp or cp")
-    return ParallelLayout(tp=par.tp, pp=par.pp, vpp=par.vpp, ep=par.ep, etp=par.etp, cp=par.cp,
-                          dp=ws // model_ranks, sp=par.sp, layout=par.layout)
-
-
-def global_batch(recipe, layout: ParallelLayout) -> int:
-    t = recipe.training
-    return t.global_batch_size or t.micro_batch_size * layout.dp
-
-
-def num_microbatches(recipe, layout: ParallelLayout) -> int:
-    """Micro-batches per step and data-parallel rank (at the final batch size)."""
-    return global_batch(recipe, layout) // (recipe.training.micro_batch_size * layout.dp)
+from megatron_dsv3.model.backends import planned_backend
+from megatron_dsv3.model.validation import validate
+from megatron_dsv3.parallel.layout import ParallelLayout
+from megatron_dsv3.parallel.placement import place
+from megatron_dsv3.recipe.sizes import fail as _fail
+from megatron_dsv3.recipe.sizes import global_batch, parallel_layout
 
 
 def validate_recipe(recipe, world_size: int | None = None) -> ParallelLayout:
@@ -55,51 +25,54 @@ def validate_recipe(recipe, world_size: int | None = None) -> ParallelLayout:
         validate(preset, layout)
     except ConfigError as err:
         raise recipe.locate(err) from None
-    try:
-        model_args(preset)  # a preset override Megatron has no flag for
-    except ConfigError as err:
-        raise recipe.locate(err, section="model") from None
-    vpp = _check_pipeline(recipe, preset)
-    _check_batch(recipe, layout, vpp)
-    _check_schedule(recipe)
+    placement = _check_pipeline(recipe, preset, layout)
+    _check_batch(recipe, layout, placement)
+    _check_lr_schedule(recipe)
     _check_device(recipe)
     _check_recompute(recipe)
     _check_data_and_checkpoint(recipe)
     return layout
 
 
-def _check_pipeline(recipe, preset) -> int:
-    """Layout string and context-parallel checks; the virtual stages per pipeline rank."""
-    from megatron_dsv3.recipe.stages import parse_layout
-
+def _check_pipeline(recipe, preset, layout: ParallelLayout):
+    """Virtual stages against the layout string, and context parallelism; the placement."""
     par = recipe.parallel
-    vpp = par.vpp or 1
-    if par.layout:
-        try:
-            parsed = parse_layout(par.layout, par.pp, preset)
-        except ConfigError as err:
-            raise err.located(recipe.where("parallel.layout")) from None
-        if par.vpp is not None and parsed.virtual_pipeline_model_parallel_size != par.vpp:
-            raise _fail(recipe, "parallel.vpp",
-                        f"parallel.vpp={par.vpp} but parallel.layout has"
-                        f" {parsed.virtual_pipeline_model_parallel_size * par.pp} stages = pp {par.pp} x"
-                        f" {parsed.virtual_pipeline_model_parallel_size}",
-                        "set vpp to (stages in the layout) / pp, or null to take it from the layout")
-        vpp = parsed.virtual_pipeline_model_parallel_size
+    placement = place(preset.num_layers, preset.mtp_num_layers, layout.pp, vpp=layout.vpp, layout=layout.layout,
+                      schedule=layout.schedule)
+    if par.layout and par.vpp is not None and placement.vpp != par.vpp:
+        raise _fail(recipe, "parallel.vpp",
+                    f"parallel.vpp={par.vpp} but parallel.layout has {placement.vpp * par.pp} stages ="
+                    f" pp {par.pp} x {placement.vpp}",
+                    "set vpp to (stages in the layout) / pp, or null to take it from the layout")
     if par.cp > 1:
-        from megatron_dsv3.recipe.argv import resolved_backend
-
-        if resolved_backend(recipe) != "transformer_engine":
+        backend = planned_backend(recipe.backend, recipe.is_cpu)
+        if backend != "transformer_engine":
             raise _fail(recipe, "parallel.cp", f"parallel.cp={par.cp} needs Transformer Engine's attention"
-                        f" (backend is {resolved_backend(recipe)}; `auto` may become local)",
-                        "set backend: transformer_engine, or cp: 1")
+                        f" (backend is {'local' if recipe.is_cpu else recipe.backend}; `auto` may become local)", "set backend: transformer_engine, or cp: 1")
     if preset.seq_length % (2 * par.cp) and par.cp > 1:
         raise _fail(recipe, "parallel.cp", f"parallel.cp={par.cp} needs model.seq_length={preset.seq_length}"
                     f" divisible by 2 x cp = {2 * par.cp}", "choose cp so that seq_length % (2 cp) == 0")
-    return vpp
+    return placement
 
 
-def _check_batch(recipe, layout: ParallelLayout, vpp: int) -> None:
+def _microbatch_rule(placement) -> tuple[int, int]:
+    """``(multiple, minimum)`` the micro-batches per step must meet under the placement's schedule.
+
+    Interleaved (schedules.py): micro-batches go through each virtual stage pp at a time, and a
+    remainder group smaller than pp raises at the first step.  DualPipe: both directions take half
+    the micro-batches, and each needs at least pp of them; DualPipeV needs at least 2 pp (DeepSeek's
+    reference, FACTS.md).
+    """
+    if placement.schedule == "interleaved":
+        return placement.pp, 1
+    if placement.schedule == "dualpipe":
+        return 2, 2 * placement.pp
+    if placement.schedule == "dualpipev":
+        return 1, 2 * placement.pp
+    return 1, 1
+
+
+def _check_batch(recipe, layout: ParallelLayout, placement) -> None:
     t = recipe.training
     unit = t.micro_batch_size * layout.dp
     gbs = global_batch(recipe, layout)
@@ -108,18 +81,25 @@ def _check_batch(recipe, layout: ParallelLayout, vpp: int) -> None:
                     f"training.global_batch_size={gbs} is not divisible by micro_batch_size x dp ="
                     f" {t.micro_batch_size} x {layout.dp} = {unit}",
                     f"use a multiple of {unit} (dp = world_size / (tp x pp x cp) = {layout.dp})")
-    if vpp > 1 and (gbs // unit) % layout.pp:
-        # schedules.py: micro-batches go through each virtual stage pp at a time; a remainder group
-        # smaller than pp raises at the first step.
+    multiple, minimum = _microbatch_rule(placement)
+    count = gbs // unit
+    if placement.schedule == "interleaved" and count % multiple:
         raise _fail(recipe, "training.global_batch_size",
-                    f"the interleaved schedule (vpp={vpp}) needs the micro-batches per step to be a"
-                    f" multiple of pp={layout.pp}, but training.global_batch_size={gbs} gives {gbs // unit}",
+                    f"the interleaved schedule (vpp={placement.vpp}) needs the micro-batches per step to be a"
+                    f" multiple of pp={layout.pp}, but training.global_batch_size={gbs} gives {count}",
                     f"use a multiple of pp x micro_batch_size x dp = {layout.pp * unit}")
+    if count % multiple or count < minimum:
+        raise _fail(recipe, "training.global_batch_size",
+                    f"the {placement.schedule} schedule on pp={layout.pp} needs at least {minimum}"
+                    f"{' and an even number of' if multiple == 2 else ''} micro-batches per step, but"
+                    f" training.global_batch_size={gbs} gives {count}",
+                    f"use a global batch of at least {minimum * unit}"
+                    f"{f' in multiples of {2 * unit}' if multiple == 2 else ''} (micro_batch_size x dp = {unit})")
     if t.rampup_batch_size is not None:
-        _check_ramp(recipe, unit, layout.pp if vpp > 1 else 1)
+        _check_ramp(recipe, unit, multiple, minimum, placement.schedule)
 
 
-def _check_ramp(recipe, unit: int, group: int) -> None:
+def _check_ramp(recipe, unit: int, group: int, minimum: int, schedule: str) -> None:
     t = recipe.training
     path = "training.rampup_batch_size"
     if len(t.rampup_batch_size) != 3 or min(t.rampup_batch_size) < 1:
@@ -132,14 +112,18 @@ def _check_ramp(recipe, unit: int, group: int) -> None:
                     "set global_batch_size = start + k x increment")
     if start % (unit * group) or incr % (unit * group):
         raise _fail(recipe, path, f"{path}={t.rampup_batch_size}: every batch size of the ramp must be"
-                    f" divisible by micro_batch_size x dp{' x pp (interleaved)' if group > 1 else ''}"
+                    f" divisible by micro_batch_size x dp{f' x {group} ({schedule})' if group > 1 else ''}"
                     f" = {unit * group}", f"use multiples of {unit * group}")
+    if start < minimum * unit:
+        raise _fail(recipe, path, f"{path}={t.rampup_batch_size}: the {schedule} schedule needs at least"
+                    f" {minimum} micro-batches per step, which the ramp's first batch {start} does not give",
+                    f"start the ramp at {minimum * unit} sequences or more")
     if samples < (t.global_batch_size - start) // incr:
         raise _fail(recipe, path, f"{path}: {samples} ramp-up samples are fewer than the ramp's steps",
                     "give the ramp-up length in sequences (samples)")
 
 
-def _check_schedule(recipe) -> None:
+def _check_lr_schedule(recipe) -> None:
     t = recipe.training
     if (t.train_iters is None) == (t.train_samples is None):
         raise _fail(recipe, "training.train_iters",
@@ -203,9 +187,7 @@ def _check_recompute(recipe) -> None:
     if not full and (rc.method is not None or rc.num_layers is not None):
         raise _fail(recipe, f"{path}.method", f"{path}.method/num_layers are for granularity=full",
                     "remove them, or set granularity: full")
-    from megatron_dsv3.recipe.argv import resolved_backend
-
-    if resolved_backend(recipe) != "transformer_engine":  # `auto` may become local when the job starts
+    if planned_backend(recipe.backend, recipe.is_cpu) != "transformer_engine":  # `auto` may become local
         if "moe_act" in rc.modules:
             raise _fail(recipe, f"{path}.modules", f"{path}.modules has moe_act, which Megatron supports"
                         " only with grouped GEMM experts (the transformer_engine backend)",
@@ -239,47 +221,3 @@ def _check_data_and_checkpoint(recipe) -> None:
                     "set checkpoint.save_interval (steps between checkpoints), e.g. to train_iters")
 
 
-# ---- the report ----
-@dataclass
-class CheckReport:
-    """The outcome of :func:`check_recipe`; ``render()`` is what ``megatron-dsv3 check`` prints."""
-
-    recipe: object
-    world_size: int
-    gpu_memory_gb: float | None
-    error: ConfigError | None = None
-    layout: ParallelLayout | None = None
-    memory: object = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def fits(self) -> bool | None:
-        """True/False against the GPU memory; None when there is nothing to compare with."""
-        if self.memory is None or self.gpu_memory_gb is None or self.recipe.is_cpu:
-            return None
-        return self.memory.total <= self.gpu_memory_gb
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.fits is not False
-
-    def render(self) -> str:
-        from megatron_dsv3.recipe.report import render_report
-
-        return render_report(self)
-
-
-def check_recipe(recipe, world_size: int | None = None, gpu_memory_gb: float | None = None) -> CheckReport:
-    """Validate ``recipe`` at ``world_size`` and estimate its memory against ``gpu_memory_gb``
-    (default: the recipe's ``hardware.gpu_memory_gb``)."""
-    from megatron_dsv3.recipe.memory import estimate_memory
-
-    ws = recipe.world_size(world_size)
-    budget = gpu_memory_gb if gpu_memory_gb is not None else recipe.hardware.gpu_memory_gb
-    report = CheckReport(recipe=recipe, world_size=ws, gpu_memory_gb=budget)
-    try:
-        report.layout = validate_recipe(recipe, world_size)
-        report.memory = estimate_memory(recipe, world_size)
-    except ConfigError as err:
-        report.error = err
-    return report

@@ -22,7 +22,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.presets import ModelPreset
+from megatron_dsv3.model.presets import ModelPreset
 from megatron_dsv3.recipe.schema import (
     RESERVED_SECTIONS,
     ModelSection,
@@ -93,12 +93,40 @@ def loads_recipe(
 
 def _compose(text: str, source: str):
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{source}:{mark.line + 1}" if mark else source
         raise ConfigError(f"not valid YAML: {err.problem or err}", fix="correct the YAML syntax",
                           where=where) from None
+    _refuse_tags(root, source)
+    return root
+
+
+_YAML = "tag:yaml.org,2002:"
+_PLAIN_TAGS = {_YAML + t for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp")}
+
+
+def _refuse_tags(node, source: str) -> None:
+    """A recipe is data: YAML tags (``!!python/object/apply:...``, ``!custom``) are refused outright.
+
+    The file is only ever composed, never constructed, so a tag cannot run anything; refusing it
+    says so plainly instead of reporting the tagged value as being of the wrong type.
+    """
+    if node is None:
+        return
+    if node.tag not in _PLAIN_TAGS:
+        shown = "!!" + node.tag[len(_YAML):] if node.tag.startswith(_YAML) else node.tag
+        raise ConfigError(f"YAML tags are not allowed in a recipe (found {shown})",
+                          fix="write plain values: numbers, strings, true/false, lists and mappings",
+                          where=f"{source}:{node.start_mark.line + 1}")
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            _refuse_tags(key_node, source)
+            _refuse_tags(value_node, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_tags(item, source)
 
 
 def _splice(root: yaml.Node, override: str, builder: "_Builder") -> None:

@@ -5,7 +5,7 @@ holds the activation formula against the tensors autograd actually keeps in a bu
 (dsv3-tiny on CPU: within 2%).
 
 **Parameters a rank holds** (per pipeline rank, over its virtual stages; sizes from
-:mod:`megatron_dsv3.accounting`): MLA up-projections and output projection, the dense MLP and the
+:mod:`megatron_dsv3.model.accounting`): MLA up-projections and output projection, the dense MLP and the
 shared experts divided by TP; the MLA down-projections (replicated under TP), RMSNorms and the
 router kept whole; routed experts ``E * 3 h f_e / (ep * etp)``.  The embedding ``V h / tp`` sits on
 the chunk holding ``E``, the output head ``V h / tp`` and the final norm on the chunk holding ``L``,
@@ -43,7 +43,7 @@ activations of one unit being recomputed.  Experts are assumed perfectly balance
 
 **Micro-batches in flight**: at its first backward, rank ``r`` holds ``min(pp - r, M)`` micro-batches
 under 1F1B, and the first ``2 (pp - r - 1) + (vpp - 1) pp + 1`` forwards of Megatron's interleaved
-order (see :mod:`megatron_dsv3.recipe.stages`), with ``M = global batch / (micro batch x dp)``
+order (see :mod:`megatron_dsv3.pipeline.in_flight`), with ``M = global batch / (micro batch x dp)``
 (the final batch size when the batch ramps up).
 
 **Fixed overhead**: 6 GiB on a GPU: about 1 GiB of CUDA context and kernels (PyTorch, cuBLAS,
@@ -58,10 +58,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_dsv3.accounting import attention_params, dense_mlp_params, expert_params
-from megatron_dsv3.megatron_args import ParallelLayout
-from megatron_dsv3.presets import ModelPreset
-from megatron_dsv3.recipe.stages import Chunk, in_flight, placement
+from megatron_dsv3.model.accounting import attention_params, dense_mlp_params, expert_params
+from megatron_dsv3.model.backends import planned_backend
+from megatron_dsv3.model.presets import ModelPreset
+from megatron_dsv3.parallel.layout import ParallelLayout
+from megatron_dsv3.parallel.placement import Chunk, placement_for
+from megatron_dsv3.pipeline.in_flight import in_flight
+from megatron_dsv3.recipe.sizes import num_microbatches, parallel_layout
 
 GIB = 1024**3
 OVERHEAD_GIB = {"cuda": 6.0, "cpu": 1.0}
@@ -246,14 +249,12 @@ def chunk_activations(p: ModelPreset, chunk: Chunk, s: _Setup) -> tuple[float, f
 
 # ---- the estimate ----
 def _setup(recipe, lay: ParallelLayout, world_size: int) -> _Setup:
-    from megatron_dsv3.recipe.argv import planned_backend
-
     p, rc = recipe.preset, recipe.training.recompute
     return _Setup(
         layout=lay, world_size=world_size, seq=p.seq_length,
         tokens=recipe.training.micro_batch_size * p.seq_length // lay.cp,
         act_bytes=2 if recipe.precision == "bf16" else 4,
-        fused_norms=planned_backend(recipe) == "transformer_engine",
+        fused_norms=planned_backend(recipe.backend, recipe.is_cpu) == "transformer_engine",
         math_attention=recipe.is_cpu,
         granularity=rc.granularity,
         modules=frozenset(rc.modules if rc.granularity == "selective" else ()),
@@ -261,7 +262,7 @@ def _setup(recipe, lay: ParallelLayout, world_size: int) -> _Setup:
     )
 
 
-def _rank_memory(recipe, row: list[Chunk], s: _Setup, num_microbatches: int) -> RankMemory:
+def _rank_memory(recipe, placement, row: list[Chunk], s: _Setup, microbatches: int) -> RankMemory:
     p, lay = recipe.preset, s.layout
     dense = sum(chunk_params(p, c, lay)[0] for c in row)
     expert = sum(chunk_params(p, c, lay)[1] for c in row)
@@ -273,7 +274,7 @@ def _rank_memory(recipe, row: list[Chunk], s: _Setup, num_microbatches: int) -> 
     else:
         states = opt * (dense + expert)
     per_chunk = [chunk_activations(p, c, s) for c in row]
-    flight = in_flight(lay.pp, row[0].pp_rank, len(row), num_microbatches)
+    flight = in_flight(placement, row[0].pp_rank, microbatches)
     activations = sum(per_chunk[v][0] for v in flight) + max(u for _, u in per_chunk)
     return RankMemory(
         pp_rank=row[0].pp_rank, dense_params=round(dense), expert_params=round(expert),
@@ -288,13 +289,12 @@ def estimate_memory(recipe, world_size: int | None = None) -> "MemoryEstimate":
 
     The recipe is not validated here; :func:`megatron_dsv3.recipe.check.check_recipe` does both.
     """
-    from megatron_dsv3.recipe.check import num_microbatches
-
     ws = recipe.world_size(world_size)
-    lay = recipe.layout(ws)
+    lay = parallel_layout(recipe, ws)
     s = _setup(recipe, lay, ws)
     m = num_microbatches(recipe, lay)
-    ranks = tuple(_rank_memory(recipe, row, s, m) for row in placement(recipe.preset, lay))
+    placement = placement_for(recipe.preset, lay)
+    ranks = tuple(_rank_memory(recipe, placement, row, s, m) for row in placement.rows)
     worst = max(ranks, key=lambda r: r.total)
     return MemoryEstimate(
         parameters=worst.parameters, gradients=worst.gradients, optimizer_states=worst.optimizer_states,

@@ -1,9 +1,21 @@
-"""The text of ``megatron-dsv3 check``: layout, experts, batch, pipeline stages and memory."""
+"""``megatron-dsv3 check``: a recipe validated at a world size, its memory estimate, and the report text.
+
+:func:`check_recipe` never raises for a bad recipe: it collects the error and the memory estimate
+into a :class:`CheckReport`, whose ``render()`` is the printed report (layout, experts, batch,
+pipeline stages and memory).
+"""
 
 from __future__ import annotations
 
-from megatron_dsv3.accounting import count
+from dataclasses import dataclass, field
+
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.model.accounting import count
+from megatron_dsv3.parallel.layout import ParallelLayout
+from megatron_dsv3.parallel.placement import placement_for
+from megatron_dsv3.recipe.check import validate_recipe
+from megatron_dsv3.recipe.memory import estimate_memory
+from megatron_dsv3.recipe.sizes import global_batch, num_microbatches
 
 
 def _b(n: float) -> str:
@@ -20,6 +32,47 @@ def _n(count: int, word: str) -> str:
 def _table(rows: list[tuple], indent: str = "  ") -> list[str]:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return [indent + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+@dataclass
+class CheckReport:
+    """The outcome of :func:`check_recipe`; ``render()`` is what ``megatron-dsv3 check`` prints."""
+
+    recipe: object
+    world_size: int
+    gpu_memory_gb: float | None
+    error: ConfigError | None = None
+    layout: ParallelLayout | None = None
+    memory: object = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        """True/False against the GPU memory; None when there is nothing to compare with."""
+        if self.memory is None or self.gpu_memory_gb is None or self.recipe.is_cpu:
+            return None
+        return self.memory.total <= self.gpu_memory_gb
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.fits is not False
+
+    def render(self) -> str:
+        return render_report(self)
+
+
+def check_recipe(recipe, world_size: int | None = None, gpu_memory_gb: float | None = None) -> CheckReport:
+    """Validate ``recipe`` at ``world_size`` and estimate its memory against ``gpu_memory_gb``
+    (default: the recipe's ``hardware.gpu_memory_gb``)."""
+    ws = recipe.world_size(world_size)
+    budget = gpu_memory_gb if gpu_memory_gb is not None else recipe.hardware.gpu_memory_gb
+    report = CheckReport(recipe=recipe, world_size=ws, gpu_memory_gb=budget)
+    try:
+        report.layout = validate_recipe(recipe, world_size)
+        report.memory = estimate_memory(recipe, world_size)
+    except ConfigError as err:
+        report.error = err
+    return report
 
 
 def render_report(report) -> str:
@@ -55,9 +108,7 @@ def _model_lines(recipe) -> list[str]:
 
 
 def _backend_text(recipe) -> str:
-    from megatron_dsv3.recipe.argv import resolved_backend
-
-    backend = resolved_backend(recipe)
+    backend = "local" if recipe.is_cpu else recipe.backend
     return "auto (chosen when the job starts; estimated as local)" if backend == "auto" else backend
 
 
@@ -90,8 +141,6 @@ def _parallel_lines(report) -> list[str]:
 
 
 def _batch_lines(recipe, lay) -> list[str]:
-    from megatron_dsv3.recipe.check import global_batch, num_microbatches
-
     t = recipe.training
     lines = [f"batch      global batch {global_batch(recipe, lay)} sequences = micro-batch {t.micro_batch_size}"
              f" x DP {lay.dp} x {num_microbatches(recipe, lay)} micro-batches per step"]
@@ -105,21 +154,24 @@ def _batch_lines(recipe, lay) -> list[str]:
 
 
 def _pipeline_lines(report) -> list[str]:
-    from megatron_dsv3.recipe.stages import placement
-
     recipe, lay = report.recipe, report.layout
     p = recipe.preset
-    chunks = placement(p, lay)
-    vpp = len(chunks[0])
-    schedule = "no pipelining" if lay.pp == 1 else ("1F1B" if vpp == 1 else f"interleaved 1F1B, {vpp} virtual stages per rank")
-    source = f"Megatron layout '{lay.layout}'" if lay.layout else "even split"
-    lines = [f"pipeline   {schedule}; {_n(lay.pp * vpp, 'stage')} ({source})"]
+    placement = placement_for(p, lay)
+    chunks, vpp = placement.rows, placement.vpp
+    schedule = {
+        "1f1b": "no pipelining" if lay.pp == 1 else "1F1B",
+        "interleaved": f"interleaved 1F1B, {vpp} virtual stages per rank",
+        "dualpipe": "DualPipe: rank r holds stage r and a mirrored copy of stage pp-1-r",
+        "dualpipev": "DualPipeV: rank r holds stages r and 2pp-1-r (a V)",
+    }[placement.schedule]
+    source = f"layout '{lay.layout}'" if lay.layout else "even split"
+    lines = [f"pipeline   {schedule}; {_n(placement.num_stages, 'stage')} ({source})"]
     ranks = {r.pp_rank: r for r in report.memory.ranks} if report.memory is not None else {}
     rows = [("PP rank", "layers" if vpp == 1 else "layers per virtual stage", "params/rank", "in flight", "GiB")]
     for row in chunks:
         mem = ranks.get(row[0].pp_rank)
         rows.append((
-            row[0].pp_rank, " | ".join(c.describe(p) for c in row),
+            row[0].pp_rank, " | ".join(c.describe(p.first_k_dense) for c in row),
             _b(mem.dense_params + mem.expert_params) if mem else "", mem.in_flight if mem else "",
             f"{mem.total:.1f}" if mem else "",
         ))

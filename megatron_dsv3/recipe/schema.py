@@ -1,11 +1,11 @@
-"""The recipe schema: one dataclass per YAML section, one field per key.
+"""The recipe schema: one dataclass per YAML section, one field per key (plain data).
 
 Every field carries a one-line ``doc`` (and ``choices`` where the value is an enumeration) in its
 metadata; :mod:`megatron_dsv3.recipe.loader` reads the types and choices from here to check a YAML
 file, and ``docs/recipes.md`` documents the same keys (a test keeps the two in step).
 
 Key names follow Megatron-LM's own argument names (``training.lr_warmup_iters`` is
-``--lr-warmup-iters``), the paper's names for model fields (see :mod:`megatron_dsv3.presets`), and
+``--lr-warmup-iters``), the paper's names for model fields (see :mod:`megatron_dsv3.model.presets`), and
 ``ParallelLayout``'s names for parallel sizes.  Defaults of optimizer hyper-parameters are
 DeepSeek-V3's (section 4.2 of the technical report); other defaults are Megatron's.
 """
@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.presets import ModelPreset, get_preset
-
-if TYPE_CHECKING:
-    from megatron_dsv3.megatron_args import ParallelLayout
+from megatron_dsv3.model.presets import ModelPreset, get_preset
+from megatron_dsv3.parallel.layout import SCHEDULES
 
 # Sections reserved for the roadmap (ROADMAP.md items 1 and 2): present in a recipe, they are an error.
 RESERVED_SECTIONS = {
@@ -45,7 +41,7 @@ def key(default=None, doc: str = "", *, choices: tuple | None = None, factory=No
 class ModelSection:
     """``model:``: a named preset plus any :class:`ModelPreset` field as an override."""
 
-    preset: str = key(None, "name of a model preset (megatron_dsv3.presets.PRESETS)")
+    preset: str = key(None, "name of a model preset (megatron_dsv3.model.presets.PRESETS)")
     overrides: dict = key(doc="ModelPreset fields written next to `preset`, e.g. num_layers: 8",
                           factory=dict)
 
@@ -68,7 +64,10 @@ class ParallelSection:
     etp: int = key(1, "expert tensor-parallel size (--expert-tensor-parallel-size)")
     cp: int = key(1, "context-parallel size (--context-parallel-size)")
     sp: bool = key(False, "sequence parallelism (--sequence-parallel); required when tp > 1")
-    layout: str | None = key(None, "Megatron --pipeline-model-parallel-layout string for uneven stages")
+    layout: str | None = key(None, "Megatron --pipeline-model-parallel-layout string for uneven stages"
+                             " (dualpipe/dualpipev: the stages in model order)")
+    schedule: str | None = key(None, "pipeline schedule (--pipeline-schedule); null = 1f1b, or interleaved"
+                               " with vpp", choices=SCHEDULES)
 
 
 @dataclass
@@ -172,18 +171,6 @@ class Recipe:
     def world_size(self, world_size: int | None = None) -> int:
         return self.parallel.world_size if world_size is None else world_size
 
-    def layout(self, world_size: int | None = None) -> "ParallelLayout":
-        """Megatron's parallel sizes; ``dp = world_size / (tp * pp * cp)``."""
-        from megatron_dsv3.recipe.check import parallel_layout
-
-        return parallel_layout(self, world_size)
-
-    def megatron_args(self, world_size: int | None = None) -> list[str]:
-        """The full argument list for stock ``pretrain_gpt.py``, validated first."""
-        from megatron_dsv3.recipe.argv import recipe_argv
-
-        return recipe_argv(self, world_size)
-
     # ---- locating errors ----
     def where(self, path: str | None) -> str:
         """``file:line`` of ``path`` (or of the nearest enclosing section that has a line)."""
@@ -195,7 +182,7 @@ class Recipe:
         return self.source
 
     def key_path(self, key: str | None, section: str | None = None) -> str | None:
-        """The recipe key path for a field name used by :mod:`megatron_dsv3.validation`."""
+        """The recipe key path for a field name used by :mod:`megatron_dsv3.model.validation`."""
         if key is None:
             return section
         if "." in key:

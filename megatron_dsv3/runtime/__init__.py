@@ -1,5 +1,6 @@
 """Every run-time change megatron-dsv3 makes to Megatron-Core and PyTorch lives in this package.
 
-See :mod:`megatron_dsv3.runtime.registry`; the definitions are in ``launch_changes``,
-``model_changes``, ``cpu_changes`` and ``train_changes``, one module per group.
+:mod:`megatron_dsv3.runtime.registry` records and applies changes; the definitions are in
+``launch_changes``, ``model_changes``, ``cpu_changes`` and ``train_changes``, one module per group,
+listed once in :mod:`megatron_dsv3.runtime.catalog`.
 """

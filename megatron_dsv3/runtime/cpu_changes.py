@@ -68,7 +68,6 @@ def _factory_on_cpu(fn):
 
 
 @megatron_change(
-    group="cpu",
     targets=[f"torch.{name}" for name in _FACTORIES]
     + [f"torch.Tensor.{name}" for name in _TENSOR_FACTORIES]
     + ["torch.Tensor.to", "torch.Tensor.cuda", "torch.Tensor.pin_memory", "torch.Tensor.record_stream"],
@@ -199,7 +198,6 @@ _CUDA_STAND_INS = {
 
 
 @megatron_change(
-    group="cpu",
     targets=[f"torch.cuda.{name}" for name in _CUDA_STAND_INS],
     versions="megatron-core 0.19.x",
     fixed_upstream_when="Megatron-Core guards its stream, event, NVTX and memory-statistics calls "
@@ -222,7 +220,6 @@ def cuda_runtime_calls_become_cpu_no_ops():
 
 
 @megatron_change(
-    group="cpu",
     targets=[
         "torch.cuda.get_rng_state",
         "torch.cuda.set_rng_state",
@@ -270,7 +267,6 @@ class _DropForkWarning(logging.Filter):
 
 
 @megatron_change(
-    group="cpu",
     targets=["torch.distributed.all_to_all_single"],
     versions="megatron-core 0.19.x with torch <= 2.14 (gloo)",
     fixed_upstream_when="gloo's all_to_all_single accepts split sizes given as tensors",
@@ -294,7 +290,6 @@ def gloo_all_to_all_takes_split_lists():
 
 
 @megatron_change(
-    group="cpu",
     targets=["megatron.training.training.initialize_megatron"],
     versions="megatron-core 0.19.x (megatron/training)",
     fixed_upstream_when="pretrain() lets a caller pass allow_no_cuda to initialize_megatron",
@@ -315,7 +310,6 @@ def training_loop_initializes_without_cuda():
 
 
 @megatron_change(
-    group="cpu",
     targets=[
         "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
         "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
@@ -354,7 +348,6 @@ def gradient_clipping_accepts_cpu_tensors():
 
 
 @megatron_change(
-    group="cpu",
     targets=["torch._dynamo.config.disable", "environment CUDA_DEVICE_MAX_CONNECTIONS"],
     versions="megatron-core 0.19.x",
     fixed_upstream_when="(not a fix) CPU runs always want these settings",

@@ -16,7 +16,6 @@ _SCRIPTS = ("gpt_builders", "hybrid_builders")
 
 
 @megatron_change(
-    group="launch",
     targets=[
         "megatron.core.transformer.spec_utils.import_module",
         "megatron.training.argument_utils.import_module",
@@ -53,7 +52,6 @@ def _registry_import_module():
 
 
 @megatron_change(
-    group="launch",
     targets=[
         "megatron.training.arguments.add_megatron_arguments",
         "megatron.training.arguments.parse_args",
@@ -65,12 +63,15 @@ def _registry_import_module():
 def plugin_options_join_megatron_parser():
     """The plugin's options (group "megatron-dsv3") join Megatron's argument parser.
 
-    ``--dsv3-backend auto|transformer_engine|local`` and ``--dsv3-cpu`` are added to every parser
-    Megatron builds, so stock ``pretrain_gpt.py`` accepts them.  Right after parsing, and only when
-    ``--spec`` names a megatron-dsv3 spec or a ``--dsv3-*`` option was given, they take effect:
-    the backend sets ``--transformer-impl``, ``--dsv3-cpu`` enables CPU mode.
+    ``--dsv3-backend auto|transformer_engine|local``, ``--dsv3-cpu`` and ``--pipeline-schedule``
+    are added to every parser Megatron builds, so stock ``pretrain_gpt.py`` accepts them.  Right
+    after parsing, and only when ``--spec`` names a megatron-dsv3 spec or one of the options was
+    given, they take effect (``megatron_dsv3.args.settings``): the backend is resolved on this
+    machine and sets ``--transformer-impl`` and what it needs, ``--dsv3-cpu`` enables CPU mode, a
+    DeepSeek schedule sets two virtual stages per rank and keeps its stage layout for the placement.
     """
-    from megatron_dsv3.launch.arguments import add_dsv3_arguments, apply_dsv3_arguments
+    from megatron_dsv3.args.options import add_dsv3_arguments
+    from megatron_dsv3.args.settings import apply_plugin_options
     from megatron_dsv3.launch.specs import is_dsv3_spec
 
     add_megatron_arguments = original("megatron.training.arguments.add_megatron_arguments")
@@ -81,9 +82,10 @@ def plugin_options_join_megatron_parser():
 
     def parse_args_and_apply_dsv3(extra_args_provider=None, ignore_unknown_args=False):
         args = parse_args(extra_args_provider, ignore_unknown_args)
-        explicit = getattr(args, "dsv3_cpu", False) or getattr(args, "dsv3_backend", "auto") != "auto"
+        explicit = (getattr(args, "dsv3_cpu", False) or getattr(args, "dsv3_backend", "auto") != "auto"
+                    or getattr(args, "pipeline_schedule", None) is not None)
         if explicit or is_dsv3_spec(getattr(args, "spec", None)):
-            apply_dsv3_arguments(args)
+            apply_plugin_options(args)
         return args
 
     replace("megatron.training.arguments.add_megatron_arguments", add_megatron_arguments_and_dsv3)
@@ -91,7 +93,6 @@ def plugin_options_join_megatron_parser():
 
 
 @megatron_change(
-    group="launch",
     targets=["megatron.training.models.gpt.mtp_block_spec"],
     versions="megatron-core 0.19.x",
     fixed_upstream_when="GPTModelBuilder builds the MTP block from the user's --spec",
@@ -115,7 +116,6 @@ def mtp_is_built_from_the_dsv3_spec():
 
 
 @megatron_change(
-    group="launch",
     targets=["megatron.core.datasets.utils.compile_helpers"],
     versions="megatron-core 0.19.x wheels (they ship helpers_cpp prebuilt but no Makefile)",
     fixed_upstream_when="initialize_megatron skips compiling when helpers_cpp already imports",
@@ -137,3 +137,64 @@ def prebuilt_dataset_helpers_are_used():
             compile_helpers()
 
     replace("megatron.core.datasets.utils.compile_helpers", compile_helpers_unless_prebuilt)
+
+
+@megatron_change(
+    targets=[
+        "megatron.training.argument_utils.core_transformer_config_from_args",
+        "megatron.training.arguments.core_transformer_config_from_args",
+    ],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="Megatron-Core can express a placement other than the interleaved order "
+    "(PipelineParallelLayerLayout maps stage s to rank s % pp)",
+)
+def configs_carry_the_dualpipe_placement():
+    """Under ``--pipeline-schedule dualpipe|dualpipev`` a config carries the schedule's placement.
+
+    Megatron's layout object hard-codes the interleaved order, in which a V (rank ``r`` holding
+    stages ``r`` and ``2pp-1-r``) cannot be written.  Every ``TransformerConfig`` Megatron makes
+    from the arguments gets the placement as its ``pipeline_model_parallel_layout`` (a subclass of
+    Megatron's layout that answers from the placement, ``megatron_dsv3.parallel.placement``), so
+    layer building, layer numbering and checkpoint keys follow it.  Without those schedules the
+    config is returned unchanged.
+    """
+    from megatron_dsv3.args.settings import attach_placement
+
+    make_config = original("megatron.training.argument_utils.core_transformer_config_from_args")
+
+    def core_transformer_config_from_args(args, config_class=None):
+        config = make_config(args, config_class) if config_class is not None else make_config(args)
+        return attach_placement(config, args)
+
+    replace("megatron.training.argument_utils.core_transformer_config_from_args", core_transformer_config_from_args)
+    replace("megatron.training.arguments.core_transformer_config_from_args", core_transformer_config_from_args)
+
+
+@megatron_change(
+    targets=["megatron.training.argument_utils.gpt_config_from_args"],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="GPTModelBuilder takes pre_process/post_process from the pipeline layout "
+    "instead of 'first/last rank and virtual stage'",
+)
+def dsv3_models_are_built_for_their_placement():
+    """A ``dsv3`` model is built by ``DSV3ModelBuilder``, which gives each chunk its placement's roles.
+
+    Megatron's ``GPTModelBuilder`` decides ``pre_process`` (embedding) and ``post_process`` (head
+    and loss) as "first rank, first virtual stage" and "last rank, last virtual stage"; under
+    DualPipeV both are on rank 0.  For a config whose spec is megatron-dsv3's, ``gpt_config_from_args``
+    names ``megatron_dsv3.model.build.DSV3ModelBuilder`` (Megatron's ``builder`` hook), a subclass that
+    asks the placement for each chunk's roles and otherwise builds exactly as Megatron does; the
+    same builder builds the tests' models.  Other specs keep Megatron's builder.
+    """
+    from megatron_dsv3.launch.specs import is_dsv3_spec_object
+    from megatron_dsv3.model.build import use_dsv3_builder
+
+    gpt_config_from_args = original("megatron.training.argument_utils.gpt_config_from_args")
+
+    def gpt_config_from_args_with_dsv3_builder(args, *a, **kw):
+        model_config = gpt_config_from_args(args, *a, **kw)
+        if is_dsv3_spec_object(model_config.transformer_layer_spec):
+            use_dsv3_builder(model_config)
+        return model_config
+
+    replace("megatron.training.argument_utils.gpt_config_from_args", gpt_config_from_args_with_dsv3_builder)

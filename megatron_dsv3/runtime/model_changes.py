@@ -8,7 +8,6 @@ _RESOLVER = "megatron.core.transformer.mla_qk_norm_config.QKNormConfigResolver._
 
 
 @megatron_change(
-    group="model",
     targets=[_RESOLVER],
     versions="megatron-core 0.19.x",
     fixed_upstream_when="QKNormConfigResolver._resolve_mla_qk_layernorm keeps linear_q_proj a plain "
@@ -52,32 +51,50 @@ def uncompressed_query_has_no_extra_norm():
 
 
 @megatron_change(
-    group="model",
-    targets=["megatron.core.transformer.multi_latent_attention.Linear"],
-    versions="megatron-core 0.19.x without Transformer Engine installed",
-    fixed_upstream_when="MLASelfAttention accepts a local replicated linear for its down-projections "
-    "(multi_latent_attention.Linear is no longer None without TE)",
+    targets=["megatron.core.transformer.multi_latent_attention.MLASelfAttention.__init__"],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="MLASelfAttention accepts any replicated linear for its down-projections, not "
+    "only the classes in its fixed list (TELinear, ModelOpt's Linear, column-parallel linears)",
 )
 def mla_accepts_replicated_down_projections():
-    """MLA accepts the local backend's replicated down-projection (``DuplicatedLinear``).
+    """MLA accepts a down-projection class its spec provider marks as replicated over TP.
 
-    ``MLASelfAttention`` only builds down-projections from a fixed list of classes; without
-    Transformer Engine the list's replicated member (``multi_latent_attention.Linear``, ModelOpt's
-    linear) is ``None``.  The local ``dsv3`` spec replicates the down-projections as TE does (see
-    ``megatron_dsv3/spec/linear.py`` for the gradient bug of the column-split alternative), so the
-    module-level name is pointed at that class.  With Transformer Engine installed the name already
-    holds ModelOpt's replicated linear and is left alone; the local spec then uses it.
+    ``MLASelfAttention.__init__`` builds ``linear_q_down_proj`` / ``linear_kv_down_proj`` only from a
+    fixed list of classes, compared by identity (``TELinear``; ``Linear``, ``TEColumnParallelLinear``,
+    ``ColumnParallelLinear``) and raises ``Unsupported linear_q_down_proj`` for anything else.  The
+    ``dsv3`` spec takes its down-projections from its provider (``provider.linear()``), so an FP8 or
+    deferred-weight-gradient provider can swap them: the local backend's is ``DuplicatedLinear``,
+    replicated on every tensor-parallel rank as Transformer Engine's spec does (see
+    ``megatron_dsv3/model/linear.py`` for the gradient bug of the column-split alternative).  While
+    an ``MLASelfAttention`` whose down-projection classes carry ``replicated_over_tensor_parallel``
+    is being built, the list's ``Linear`` entry names that class (its kwargs, ``gather_output=False``
+    and no TP group, are what a replicated linear needs); afterwards the module's name is restored.
+    Down-projections Megatron knows are built exactly as before.
     """
     from megatron.core.transformer import multi_latent_attention
 
-    if multi_latent_attention.Linear is None:
-        from megatron_dsv3.spec.linear import DuplicatedLinear
+    init = original("megatron.core.transformer.multi_latent_attention.MLASelfAttention.__init__")
 
-        replace("megatron.core.transformer.multi_latent_attention.Linear", DuplicatedLinear)
+    def __init__(self, config, submodules, *args, **kwargs):
+        replicated = {
+            cls for cls in (submodules.linear_q_down_proj, submodules.linear_kv_down_proj)
+            if getattr(cls, "replicated_over_tensor_parallel", False)
+        }
+        if not replicated:
+            return init(self, config, submodules, *args, **kwargs)
+        if len(replicated) > 1:
+            raise TypeError(f"the q and kv down-projections must be one replicated class, got {replicated}")
+        saved = multi_latent_attention.Linear
+        multi_latent_attention.Linear = replicated.pop()
+        try:
+            return init(self, config, submodules, *args, **kwargs)
+        finally:
+            multi_latent_attention.Linear = saved
+
+    replace("megatron.core.transformer.multi_latent_attention.MLASelfAttention.__init__", __init__)
 
 
 @megatron_change(
-    group="model",
     targets=["megatron.core.transformer.moe.moe_utils.MoEAuxLossAutoScaler.set_loss_scale"],
     versions="megatron-core 0.19.x",
     fixed_upstream_when="MoEAuxLossAutoScaler.backward's default scale has the schedule's shape [1]",

@@ -12,7 +12,7 @@ METRICS_ENV = "MEGATRON_DSV3_METRICS"
 
 
 class _Progress:
-    """Per-step progress from what Megatron's ``training_log`` receives, on the last rank."""
+    """Per-step progress from what Megatron's ``training_log`` receives, on the rank with the loss."""
 
     def __init__(self):
         self.last_time: float | None = None
@@ -20,11 +20,12 @@ class _Progress:
 
     def step(self, iteration: int, loss_dict: dict, grad_norm) -> None:
         from megatron.training import get_args
-        from megatron.training.utils import is_last_rank
+
+        from megatron_dsv3.train.steps import reports_loss
 
         now = time.perf_counter()
         elapsed, self.last_time = (None if self.last_time is None else now - self.last_time), now
-        if not is_last_rank():
+        if not reports_loss():
             return
         from megatron.core.num_microbatches_calculator import get_current_global_batch_size
 
@@ -66,7 +67,6 @@ def _duration(seconds: float) -> str:
 
 
 @megatron_change(
-    group="train",
     targets=["megatron.training.training.training_log"],
     versions="megatron-core 0.19.x",
     fixed_upstream_when="(not a fix) Megatron's log line gains tokens/s and an ETA",
@@ -75,9 +75,10 @@ def training_log_reports_progress():
     """Every step prints a progress line: loss, tokens/s and ETA (and appends it to a metrics file).
 
     Megatron's own log line appears every ``--log-interval`` steps and has no throughput in tokens
-    or time remaining.  After Megatron's ``training_log`` runs, the last rank (which holds the
-    loss) prints ``[megatron-dsv3] step i/N | loss x | t tokens/s | ETA`` and, when
-    ``MEGATRON_DSV3_METRICS`` names a file, appends the same figures to it as a JSON line.  Only
+    or time remaining.  After Megatron's ``training_log`` runs, the rank that holds the loss (the
+    placement's loss rank; data-, tensor- and context-parallel rank 0) prints ``[megatron-dsv3]
+    step i/N | loss x | t tokens/s | ETA`` and, when ``MEGATRON_DSV3_METRICS`` names a file,
+    appends the same figures to it as a JSON line.  Only
     ``megatron-dsv3 train`` applies this change; stock ``pretrain_gpt.py`` runs are untouched.
     """
     training_log = original("megatron.training.training.training_log")

@@ -9,18 +9,13 @@ order.  A failure on any rank raises with that rank's traceback.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_dsv3.train.processes import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args, kwargs) -> None:

@@ -12,12 +12,12 @@ import os
 
 import torch
 
-from megatron_dsv3.megatron_args import ParallelLayout
+from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.testing import parallel
 from megatron_dsv3.testing.distributed import run_distributed
 
 def _run(workdir, name, layout, preset, tokens, micro_batch_size, extra_args, reference):
-    parallel.init_parallel(layout)
+    parallel.init_parallel(layout, preset=preset)
     _, _, chunks = parallel.build_chunks(preset, layout, extra_args=extra_args)
     weights = os.path.join(workdir, "weights")
     if reference:
@@ -32,7 +32,7 @@ def _run(workdir, name, layout, preset, tokens, micro_batch_size, extra_args, re
 
 def _compare(workdir, names, preset, extra_args):
     layout = ParallelLayout()
-    parallel.init_parallel(layout)
+    parallel.init_parallel(layout, preset=preset)
     _, _, chunks = parallel.build_chunks(preset, layout, extra_args=extra_args)
     reference = parallel.load_gradients(chunks, os.path.join(workdir, "grads-reference"))
     parallel.load_weights(chunks, os.path.join(workdir, "after-reference"))

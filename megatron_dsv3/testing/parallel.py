@@ -3,8 +3,11 @@
 The pieces the parallel-equivalence tests need, run inside each process of
 :func:`megatron_dsv3.testing.distributed.run_distributed`:
 
-* :func:`init_parallel`: CPU mode, gloo, Megatron's parallel state and RNG;
-* :func:`build_chunks`: the model chunks this rank holds (virtual stages), wrapped in Megatron's DDP;
+* :func:`init_parallel`: CPU mode, gloo, Megatron's parallel state (its embedding group from the
+  placement) and RNG;
+* :func:`build_chunks`: the model chunks this rank holds, built exactly as ``megatron-dsv3 train``
+  builds them: the recipe composer's arguments (:mod:`megatron_dsv3.args.compose`), Megatron's
+  parser, and Megatron's builder with the placement's roles (:mod:`megatron_dsv3.model.build`);
 * :func:`save_weights` / :func:`load_weights`: Megatron's distributed checkpoint, which maps every
   parameter between layouts (a single-process reference and a TP/EP/PP/VPP run share one file);
 * :func:`train_step`: Megatron's pipeline schedule (``get_forward_backward_func``) and
@@ -20,13 +23,26 @@ from functools import partial
 
 import torch
 
-from megatron_dsv3.megatron_args import ParallelLayout
-from megatron_dsv3.presets import ModelPreset, get_preset
+from megatron_dsv3.args.compose import megatron_argv
+from megatron_dsv3.model.presets import ModelPreset, get_preset
+from megatron_dsv3.parallel.layout import ParallelLayout
+from megatron_dsv3.parallel.placement import placement_for
 from megatron_dsv3.train.steps import loss_func
 
 
-def init_parallel(layout: ParallelLayout, seed: int = 1234, *, cpu: bool = True) -> None:
-    """Join the process group (gloo on CPU, NCCL on a GPU) and set up Megatron's parallel state."""
+def _preset(preset: ModelPreset | str) -> ModelPreset:
+    return get_preset(preset) if isinstance(preset, str) else preset
+
+
+def init_parallel(layout: ParallelLayout, seed: int = 1234, *, cpu: bool = True, preset="dsv3-tiny") -> None:
+    """Join the process group (gloo on CPU, NCCL on a GPU) and set up Megatron's parallel state.
+
+    The embedding group holds the ranks the placement of ``preset`` under ``layout`` gives an
+    embedding copy (as ``megatron-dsv3 train`` does through ``get_embedding_ranks``).
+    """
+    from megatron_dsv3.launch import activate
+
+    activate(source="test harness")
     if cpu:
         from megatron_dsv3.cpu import enable_cpu_mode
 
@@ -41,13 +57,15 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234, *, cpu: bool = True)
     world = torch.distributed.get_world_size()
     if world != layout.world_size:
         raise ValueError(f"layout needs {layout.world_size} processes, got {world}")
+    placement = placement_for(_preset(preset), layout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
+        virtual_pipeline_model_parallel_size=placement.vpp if placement.vpp > 1 else None,
         context_parallel_size=layout.cp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
+        get_embedding_ranks=lambda pp_ranks, *_: [pp_ranks[r] for r in placement.embedding_ranks()],
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
@@ -60,44 +78,22 @@ def build_chunks(
     extra_args: tuple[str, ...] = (),
     ddp: bool = True,
     cpu: bool = True,
+    backend: str = "local",
 ):
     """``(config, args, chunks)``: this rank's model chunks for ``preset`` under ``layout``.
 
-    The arguments go through Megatron's own parser (``megatron_dsv3.config``); fp32 and no dropout
-    unless ``extra_args`` say otherwise.
+    fp32 and no dropout unless ``extra_args`` say otherwise; with ``ddp`` each chunk is wrapped in
+    Megatron's ``DistributedDataParallel`` as ``pretrain`` wraps it.
     """
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.training.arguments import core_transformer_config_from_args
 
-    from megatron_dsv3.config import megatron_argv, parse_megatron_args
-    from megatron_dsv3.model import build_gpt_model
+    from megatron_dsv3.args.settings import parse_megatron_args
+    from megatron_dsv3.model.build import build_model_chunks
 
-    preset = get_preset(preset) if isinstance(preset, str) else preset
-    argv = megatron_argv(preset, layout, backend="local", cpu=cpu, extra=list(extra_args))
+    argv = megatron_argv(_preset(preset), layout, backend=backend, cpu=cpu, extra=list(extra_args))
     args = parse_megatron_args(argv)
-    config = core_transformer_config_from_args(args)
-    chunks = []
-    for vp_stage in range(layout.vpp or 1):
-        model = build_gpt_model(
-            config,
-            vocab_size=args.padded_vocab_size or args.vocab_size,
-            seq_length=args.seq_length,
-            vp_stage=vp_stage if layout.vpp else None,
-        )
-        if not cpu:
-            model = model.cuda(torch.cuda.current_device())
-        if config.bf16 or config.fp16:
-            from megatron.core.transformer.module import Float16Module
-
-            model = Float16Module(config, model)
-        if ddp:
-            model = DistributedDataParallel(
-                config,
-                DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
-                model,
-            )
-        chunks.append(model)
+    model_config, chunks = build_model_chunks(args, wrap_with_ddp=ddp)
+    config = model_config.transformer
     if ddp:
         config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
         config.finalize_model_grads_func = finalize_model_grads
@@ -191,7 +187,7 @@ def fixed_tokens(preset: ModelPreset | str, num_sequences: int, seed: int = 0, s
     ``skew`` > 0 draws tokens from a Zipf-like distribution (a few tokens dominate), which makes
     routing unbalanced.
     """
-    preset = get_preset(preset) if isinstance(preset, str) else preset
+    preset = _preset(preset)
     g = torch.Generator().manual_seed(seed)
     shape = (num_sequences, preset.seq_length + 1)
     if skew <= 0:
@@ -260,7 +256,11 @@ def train_step(chunks, config, tokens: torch.Tensor, micro_batch_size: int, opti
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    counted = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    from megatron_dsv3.parallel.placement import placement_of
+
+    placement = placement_of(config)
+    counted = (parallel_state.get_pipeline_model_parallel_rank() in placement.loss_ranks
+               and parallel_state.get_tensor_model_parallel_rank() == 0)
     loss_sum = sum(float(r["lm loss"][0]) for r in reports) if counted else 0.0
     ntok = sum(float(r["lm loss"][1]) for r in reports) if counted else 0.0
     result = {"loss_sum": loss_sum, "tokens": ntok}
@@ -292,3 +292,41 @@ def mtp_loss_and_reset() -> float | None:
     value = float(values[0])
     MTPLossLoggingHelper.clean_metrics_in_tracker()
     return value
+
+
+def pipeline_forward(chunks, config, batch: dict) -> torch.Tensor | None:
+    """One micro-batch's forward through every stage in model order, any placement; no schedule.
+
+    Each rank runs the stages it holds, receiving a stage's input from the rank that ran the one
+    before (point-to-point over the pipeline group) and sending its output on.  Returns the per-token
+    loss on the rank that holds the loss (Megatron's output with labels), None elsewhere.  For
+    checking a placement before any schedule runs it; TP = CP = 1.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_dsv3.parallel.placement import placement_of
+
+    stages = placement_of(config).stages
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    ranks = torch.distributed.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    tokens, labels = batch["tokens"], batch["labels"]
+    shape = (tokens.shape[1], tokens.shape[0], config.hidden_size)
+    hidden = loss = None
+    for i, stage in enumerate(stages):
+        previous = stages[i - 1] if i else None
+        if stage.pp_rank != rank:
+            if previous is not None and previous.pp_rank == rank:
+                torch.distributed.send(hidden.contiguous(), ranks[stage.pp_rank])
+            continue
+        if previous is not None and previous.pp_rank != rank:
+            hidden = torch.empty(shape, dtype=config.params_dtype)
+            torch.distributed.recv(hidden, ranks[previous.pp_rank])
+        model = _unwrap(chunks[stage.vp_stage])
+        if i:
+            model.set_input_tensor(hidden)
+        out = model(tokens, batch["position_ids"], None, labels=labels if stage.loss else None,
+                    loss_mask=batch["loss_mask"] if stage.loss else None)
+        if stage.loss:
+            loss = out
+        hidden = out
+    return loss

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.train.checkpoints import FolderLock, resume_step, step_folder
+from megatron_dsv3.train.processes import die_with_parent, free_port
 
 DEFAULT_RECIPE = "dsv3-tiny-cpu"
-TRACKER = "latest_checkpointed_iteration.txt"
 _ALWAYS_SHOWN = ("Traceback", "Error", "error:", "validation loss at", "test loss at")
 
 
@@ -45,6 +46,7 @@ def plan(recipe_name: str | None, overrides: list[str], nproc: int | None, extra
     """
     import torch
 
+    from megatron_dsv3.args.compose import recipe_argv
     from megatron_dsv3.recipe import load_recipe
 
     overrides = list(overrides)
@@ -64,7 +66,7 @@ def plan(recipe_name: str | None, overrides: list[str], nproc: int | None, extra
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be at least 1", fix="give the number of processes to start",
                           key="nproc", where="command line")
-    argv = recipe.megatron_args(nproc) + list(extra_args)
+    argv = recipe_argv(recipe, nproc) + list(extra_args)
     checkpoints = recipe.checkpoint.save or recipe.checkpoint.load
     run_dir = Path(checkpoints) if checkpoints else Path("runs") / recipe.name
     return TrainPlan(
@@ -73,7 +75,7 @@ def plan(recipe_name: str | None, overrides: list[str], nproc: int | None, extra
         nproc=nproc,
         run_dir=run_dir,
         train_iters=_last_value(argv, "--train-iters"),
-        resume_from=_checkpointed_iteration(recipe.checkpoint.load),
+        resume_from=resume_step(recipe.checkpoint.load),
     )
 
 
@@ -83,33 +85,31 @@ def _last_value(argv: list[str], flag: str) -> int | None:
     return int(values[-1]) if values else None
 
 
-def _checkpointed_iteration(load_dir: str | None) -> int | None:
-    if not load_dir:
-        return None
-    tracker = Path(load_dir) / TRACKER
-    try:
-        return int(tracker.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def run(train_plan: TrainPlan, *, verbose: bool = False) -> int:
-    """Launch the workers, stream their output, summarise the run; return the exit code."""
+    """Launch the workers, stream their output, summarise the run; return the exit code.
+
+    The run folder is locked for the run (a second trainer on it is refused), and the workers die
+    with this process (a parent-death signal), however it ends.
+    """
     p = train_plan
     if p.resume_from is not None and p.train_iters is not None and p.resume_from >= p.train_iters:
+        done = "=" if p.resume_from == p.train_iters else ">"
         print(f"[megatron-dsv3] {p.run_dir} already holds the checkpoint of step {p.resume_from}"
-              f" = training.train_iters; nothing to do. To train further, run again with"
-              f" training.train_iters=N (N > {p.resume_from}); to start over, delete {p.run_dir}.")
+              f" {done} training.train_iters={p.train_iters}; nothing to do. To train further, run again"
+              f" with training.train_iters=N (N > {p.resume_from}); to start over, use another"
+              f" checkpoint folder or delete {p.run_dir}.")
         return 0
-    p.run_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(p.run_dir):
+        return _run_locked(p, verbose)
+
+
+def _run_locked(p: TrainPlan, verbose: bool) -> int:
     log_path, metrics_path = p.run_dir / "train.log", p.run_dir / "metrics.jsonl"
     env = dict(os.environ, MEGATRON_DSV3_METRICS=str(metrics_path.resolve()))
     env.setdefault("TORCHDYNAMO_DISABLE", "1")
     if p.recipe.is_cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU mode stays off where a GPU is visible
     if p.nproc == 1:  # what torchrun would set for one process
-        from megatron_dsv3.testing.distributed import free_port
-
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     command = _command(p)
@@ -121,7 +121,7 @@ def run(train_plan: TrainPlan, *, verbose: bool = False) -> int:
     with open(log_path, "a") as log:
         log.write(f"\n=== {time.ctime()} {shlex.join(command)}\n")
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, bufsize=1)
+                                env=env, bufsize=1, preexec_fn=die_with_parent())
         for line in proc.stdout:
             log.write(line)
             if verbose or line.startswith("[megatron-dsv3]") or any(s in line for s in _ALWAYS_SHOWN):
@@ -166,7 +166,7 @@ def _summary(p: TrainPlan, metrics_path: Path, since: float) -> None:
         print(f"[megatron-dsv3] done: steps {first['iteration']}-{tail[-1]['iteration']} in"
               f" {time.time() - since:.0f} s; loss {first['lm_loss']:.3f} at step {first['iteration']},"
               f" {mean:.3f} averaged over the last {len(tail)} steps")
-    saved = _checkpointed_iteration(p.recipe.checkpoint.save)
+    saved = _saved_step(p.recipe.checkpoint.save)
     if saved is not None:
         print(f"[megatron-dsv3] checkpoint of step {saved} in {p.recipe.checkpoint.save}; run the same"
               " command with training.train_iters=N to continue from it")
@@ -181,3 +181,12 @@ def run_under_torchrun(train_plan: TrainPlan) -> None:
 
 def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _saved_step(save_dir: str | None) -> int | None:
+    """The step the run just saved (the tracker it wrote), if its folder is there."""
+    try:
+        step = resume_step(save_dir)
+    except ConfigError:
+        return None
+    return step if step is not None and step_folder(Path(save_dir), step).is_dir() else None

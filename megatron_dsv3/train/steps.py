@@ -2,8 +2,9 @@
 
 They do what Megatron-LM's ``pretrain_gpt.py`` does for plain (unpacked) pre-training data, which
 is the only data this job feeds: a batch comes from the data iterator on tensor-parallel rank 0 and
-is broadcast to the other ranks of the group; the first stage needs tokens, the last stage labels
-and loss mask, and the stage holding Multi-Token Prediction needs tokens too.
+is broadcast to the other ranks of the group.  Which chunk needs what comes from the placement
+(:mod:`megatron_dsv3.parallel.placement`): the chunk with the embedding needs tokens, the chunk
+with the loss labels and loss mask, and the chunk holding Multi-Token Prediction tokens too.
 """
 
 from __future__ import annotations
@@ -17,31 +18,34 @@ _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 @functools.cache
-def _layout():
-    """Megatron's pipeline layout object (``args`` keeps the ``--pipeline-model-parallel-layout``
-    string; the config holds the parsed object)."""
+def _placement():
+    """The placement of this job's model (from the arguments ``pretrain`` parsed)."""
     from megatron.training import get_args
-    from megatron.training.arguments import core_transformer_config_from_args
 
-    return core_transformer_config_from_args(get_args()).pipeline_model_parallel_layout
+    from megatron_dsv3.args.settings import transformer_config
+    from megatron_dsv3.parallel.placement import placement_of
+
+    return placement_of(transformer_config(get_args()))
 
 
 def _needs_batch(vp_stage) -> tuple[bool, bool]:
-    """(needs tokens, needs labels) for this rank's (virtual) pipeline stage."""
+    """(needs tokens, needs labels) for this rank's chunk ``vp_stage``."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
-    from megatron.training import get_args
 
-    args = get_args()
-    first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    mtp = bool(args.mtp_num_layers) and mtp_on_this_rank(
-        layout=_layout(),
-        mtp_num_layers=args.mtp_num_layers,
-        ignore_virtual=False,
-        vp_stage=vp_stage,
+    return _placement().needs_batch(parallel_state.get_pipeline_model_parallel_rank(), vp_stage)
+
+
+def reports_loss() -> bool:
+    """Whether this process prints the step's loss: tensor-, context- and data-parallel rank 0 of
+    the pipeline rank that holds the loss."""
+    from megatron.core import parallel_state
+
+    return (
+        parallel_state.get_pipeline_model_parallel_rank() == _placement().loss_rank
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
     )
-    return first or last or mtp, last or mtp
 
 
 def get_batch(data_iterator, vp_stage=None) -> dict | None:
@@ -140,16 +144,9 @@ datasets_provider.is_distributed = True
 
 
 def embedding_ranks(pp_ranks: list[int]) -> list[int]:
-    """Ranks that hold a copy of the word embedding: the first stage, the last stage when it
-    ties the output head to it, and every stage with MTP (which embeds the shifted tokens)."""
-    from megatron.core.transformer.multi_token_prediction import get_mtp_ranks
+    """Ranks that hold a copy of the word embedding (Megatron's embedding group): where the tokens
+    are embedded, where MTP embeds the shifted tokens, and where a tied output head reuses it."""
     from megatron.training import get_args
-    from megatron.training.arguments import core_transformer_config_from_args
 
-    ranks = {pp_ranks[0]}
-    if len(pp_ranks) > 1:
-        args = get_args()
-        if not args.untie_embeddings_and_output_weights:
-            ranks.add(pp_ranks[-1])
-        ranks.update(get_mtp_ranks(pp_ranks, core_transformer_config_from_args(args)))
-    return sorted(ranks)
+    tied = not get_args().untie_embeddings_and_output_weights
+    return [pp_ranks[r] for r in _placement().embedding_ranks(tied=tied)]

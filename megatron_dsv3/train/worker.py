@@ -16,7 +16,7 @@ def run(argv: list[str]) -> None:
     from megatron_dsv3.launch import activate
 
     activate(source="megatron-dsv3 train")
-    from megatron_dsv3.runtime.registry import apply_group
+    from megatron_dsv3.runtime.catalog import apply_group
 
     apply_group("train")
 

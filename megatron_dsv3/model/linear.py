@@ -21,6 +21,10 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 class DuplicatedLinear(torch.nn.Module):
     """``y = x W^T``, the same ``W`` on every tensor-parallel rank; returns ``(y, None)``."""
 
+    # MLASelfAttention accepts a down-projection class marked so (the `model` run-time change
+    # `mla_accepts_replicated_down_projections`), as it accepts Transformer Engine's TELinear.
+    replicated_over_tensor_parallel = True
+
     def __init__(
         self,
         input_size: int,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from megatron_dsv3.presets import ModelPreset
+from megatron_dsv3.model.presets import ModelPreset
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.megatron_args import ParallelLayout
-from megatron_dsv3.presets import ModelPreset
+from megatron_dsv3.model.presets import ModelPreset
+from megatron_dsv3.parallel.layout import ParallelLayout
+from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, default_schedule, place
+
+# Megatron's MLATransformerConfig has no command-line flags for these YaRN fields; its defaults
+# (transformer_config.py, MLATransformerConfig) are DeepSeek's values.
+MEGATRON_FIXED_YARN = {
+    "yarn_original_max_position": 4096,
+    "yarn_beta_fast": 32.0,
+    "yarn_beta_slow": 1.0,
+}
 
 
 def _require(ok: bool, problem: str, fix: str, key: str) -> None:
@@ -73,6 +82,13 @@ def validate_model(p: ModelPreset) -> None:
              "use 'rope' or 'yarn'", "rope_type")
     _require(p.mtp_num_layers >= 0, f"model.mtp_num_layers={p.mtp_num_layers} must be >= 0",
              "set 0 to turn Multi-Token Prediction off, 1 as in DeepSeek-V3", "mtp_num_layers")
+    for field, value in MEGATRON_FIXED_YARN.items():
+        _require(
+            getattr(p, field) == value,
+            f"model.{field}={getattr(p, field)} cannot be passed to Megatron-Core 0.19 (no flag exists"
+            f" for it; MLATransformerConfig fixes it at {value})",
+            f"keep {field}: {value}", field,
+        )
     _require(
         p.q_lora_rank is None or (isinstance(p.q_lora_rank, int) and p.q_lora_rank > 0),
         f"model.q_lora_rank={p.q_lora_rank!r} must be a positive integer or null (no query compression)",
@@ -113,25 +129,53 @@ def validate_layout(p: ModelPreset, layout: ParallelLayout) -> None:
             " requires it for MoE with tensor parallelism)",
             "set parallel.sp: true", "sp",
         )
+    _validate_pipeline(p, layout)
+    _require(
+        p.seq_length % (layout.tp if layout.sp else 1) == 0,
+        f"model.seq_length={p.seq_length} is not divisible by parallel.tp={layout.tp} (sequence parallel)",
+        "choose a seq_length that is a multiple of tp", "seq_length",
+    )
+
+
+def _validate_pipeline(p: ModelPreset, layout: ParallelLayout) -> None:
+    """The schedule against the pipeline sizes; the layers per stage as the placement needs them."""
     if layout.vpp is not None:
         _require(
             layout.pp > 1 and layout.vpp >= 1,
             f"parallel.vpp={layout.vpp} needs parallel.pp > 1 (got {layout.pp})",
             "remove vpp or raise pp", "vpp",
         )
-    stages = layout.pp * (layout.vpp or 1)
-    _require(
-        layout.layout is not None or p.num_layers % stages == 0,
-        f"parallel.pp x vpp = {stages} pipeline stages do not divide model.num_layers={p.num_layers}",
-        f"choose pp x vpp among the divisors of {p.num_layers} ({_divisors(p.num_layers)}), or give an"
-        " explicit parallel.layout",
-        "pp",
-    )
-    _require(
-        p.seq_length % (layout.tp if layout.sp else 1) == 0,
-        f"model.seq_length={p.seq_length} is not divisible by parallel.tp={layout.tp} (sequence parallel)",
-        "choose a seq_length that is a multiple of tp", "seq_length",
-    )
+    schedule = layout.schedule or default_schedule(layout.pp, layout.vpp, layout.layout)
+    if schedule in DEEPSEEK_SCHEDULES:
+        _require(layout.vpp is None,
+                 f"parallel.vpp={layout.vpp} with parallel.schedule={schedule}: the schedule places two"
+                 " chunks per rank itself", "remove parallel.vpp", "vpp")
+        _require(layout.pp >= 2, f"parallel.schedule={schedule} needs parallel.pp >= 2 (got {layout.pp})",
+                 "raise pp, or use the 1f1b schedule", "schedule")
+        _require(schedule != "dualpipe" or layout.pp % 2 == 0,
+                 f"parallel.schedule=dualpipe needs an even parallel.pp (got {layout.pp}): micro-batches"
+                 " enter from both ends and meet in the middle",
+                 "use an even pp, or dualpipev (any pp >= 2)", "schedule")
+    elif schedule == "interleaved":
+        _require(layout.pp > 1 and ((layout.vpp or 1) > 1 or layout.layout is not None),
+                 f"parallel.schedule=interleaved needs parallel.pp > 1 and parallel.vpp > 1"
+                 f" (got pp={layout.pp}, vpp={layout.vpp})", "set vpp (virtual stages per rank) or a layout",
+                 "schedule")
+    else:
+        _require((layout.vpp or 1) == 1,
+                 f"parallel.schedule=1f1b with parallel.vpp={layout.vpp} virtual stages per rank",
+                 "use schedule: interleaved, or remove vpp", "schedule")
+    if layout.layout is None and schedule not in DEEPSEEK_SCHEDULES:
+        stages = layout.pp * (layout.vpp or 1)
+        _require(
+            p.num_layers % stages == 0,
+            f"parallel.pp x vpp = {stages} pipeline stages do not divide model.num_layers={p.num_layers}",
+            f"choose pp x vpp among the divisors of {p.num_layers} ({_divisors(p.num_layers)}), or give an"
+            " explicit parallel.layout",
+            "pp",
+        )
+    else:
+        place(p.num_layers, p.mtp_num_layers, layout.pp, vpp=layout.vpp, layout=layout.layout, schedule=schedule)
 
 
 def validate(p: ModelPreset, layout: ParallelLayout | None = None) -> None:

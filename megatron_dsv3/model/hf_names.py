@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_dsv3.presets import ModelPreset
+from megatron_dsv3.model.presets import ModelPreset
 
 # (Megatron name inside a decoder layer, HF name inside a layer, transform)
 _ATTENTION = [

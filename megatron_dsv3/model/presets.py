@@ -2,7 +2,7 @@
 
 Field names follow the DeepSeek papers and HuggingFace's ``DeepseekV3Config`` where they exist
 (``first_k_dense``, ``num_routed_experts``, ``route_scale`` ...), so a preset reads like the
-paper's model table.  :mod:`megatron_dsv3.megatron_args` is the one place that turns a preset into
+paper's model table.  :mod:`megatron_dsv3.args.compose` is the one place that turns a preset into
 Megatron-LM command-line arguments.
 
 Sources:

@@ -1,0 +1,307 @@
+"""The one argument composer: a recipe becomes the Megatron-LM argument list.
+
+``megatron-dsv3 args`` prints :func:`recipe_argv`, ``megatron-dsv3 train`` runs it, and the tests
+and benchmarks build their models from it (:func:`megatron_argv` makes a recipe from a preset and a
+parallel layout first), so what the tests check is what ``pretrain_gpt.py`` runs.  The model,
+parallel, precision, training, data and checkpoint arguments use Megatron's own names; the backend,
+CPU mode and the pipeline schedule are the plugin's options, whose implied Megatron settings are
+written once in :mod:`megatron_dsv3.args.settings` and applied on the machine that runs the job
+(``auto`` is resolved there).  The recipe's raw ``megatron_args`` come last, so they can override
+anything before them.  ``docs/recipes.md`` has the key-to-flag table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.model.presets import ModelPreset, get_preset
+from megatron_dsv3.parallel.layout import ParallelLayout
+from megatron_dsv3.recipe.check import validate_recipe
+from megatron_dsv3.recipe.schema import ModelSection, ParallelSection, Recipe, TrainingSection
+
+
+def recipe_argv(recipe: Recipe, world_size: int | None = None) -> list[str]:
+    """``--spec dsv3`` + model + parallel + plugin options + precision + training + data +
+    checkpoint arguments + the recipe's raw ``megatron_args``; the recipe is validated first."""
+    layout = validate_recipe(recipe, world_size)
+    argv = ["--spec", "dsv3"] + model_args(recipe.preset) + parallel_args(layout)
+    argv += plugin_args(argv_backend(recipe), cpu=recipe.is_cpu)
+    if recipe.precision == "bf16":
+        argv += ["--bf16"]
+    argv += training_args(recipe.training, recipe.preset.seq_length)
+    argv += data_args(recipe)
+    argv += checkpoint_args(recipe.checkpoint)
+    return argv + [str(a) for a in recipe.extra_args]
+
+
+def argv_backend(recipe: Recipe) -> str:
+    """The backend the arguments name: ``local`` on CPU, else the recipe's (``auto`` stays ``auto``:
+    it is resolved when the job starts, on the machine that runs it)."""
+    return "local" if recipe.is_cpu else recipe.backend
+
+
+def plugin_args(backend: str, *, cpu: bool) -> list[str]:
+    return ["--dsv3-backend", backend] + (["--dsv3-cpu"] if cpu else [])
+
+
+# ---- model ----
+def model_args(preset: ModelPreset) -> list[str]:
+    """Megatron-LM arguments that describe ``preset`` (architecture only: no parallelism or data)."""
+    p = preset
+    args = [
+        "--num-layers", p.num_layers,
+        "--hidden-size", p.hidden_size,
+        "--ffn-hidden-size", p.ffn_hidden_size,
+        "--num-attention-heads", p.num_attention_heads,
+        "--seq-length", p.seq_length,
+        "--max-position-embeddings", p.seq_length,
+        "--vocab-size", p.vocab_size,
+        "--init-method-std", p.init_method_std,
+        # DeepSeek-V3 trains without dropout (Megatron's defaults are 0.1).
+        "--hidden-dropout", 0,
+        "--attention-dropout", 0,
+        "--normalization", "RMSNorm",
+        "--norm-epsilon", p.norm_epsilon,
+        "--swiglu",
+        "--disable-bias-linear",
+        "--position-embedding-type", "rope",
+        "--rotary-base", _number(p.rope_theta),
+        # Multi-head Latent Attention with RMSNorm on the compressed q and kv latents.
+        "--multi-latent-attention",
+        "--kv-lora-rank", p.kv_lora_rank,
+        "--qk-head-dim", p.qk_nope_head_dim,
+        "--qk-pos-emb-head-dim", p.qk_rope_head_dim,
+        "--v-head-dim", p.v_head_dim,
+        "--qk-layernorm",
+        "--rope-type", p.rope_type,
+    ]  # fmt: skip
+    if p.q_lora_rank is not None:
+        args += ["--q-lora-rank", p.q_lora_rank]
+    if p.rope_type == "yarn":
+        args += [
+            "--rotary-scaling-factor", p.yarn_factor,
+            "--mscale", p.yarn_mscale,
+            "--mscale-all-dim", p.yarn_mscale_all_dim,
+        ]  # fmt: skip
+    else:
+        # MLATransformerConfig raises "apply_rope_fusion for MLA only works with YARN RoPE".
+        args += ["--no-rope-fusion"]
+    if not p.tie_embeddings:
+        args += ["--untie-embeddings-and-output-weights"]
+    args += _moe_args(p)
+    if p.mtp_num_layers:
+        args += ["--mtp-num-layers", p.mtp_num_layers, "--mtp-loss-scaling-factor", p.mtp_loss_scaling_factor]
+    return [str(a) for a in args]
+
+
+def _moe_args(p: ModelPreset) -> list:
+    pattern = f"([0]*{p.first_k_dense}+[1]*{p.num_moe_layers})"
+    args = [
+        "--num-experts", p.num_routed_experts,
+        "--moe-layer-freq", pattern,
+        "--moe-ffn-hidden-size", p.moe_ffn_hidden_size,
+        "--moe-router-topk", p.moe_router_topk,
+        "--moe-router-score-function", p.score_function,
+        "--moe-router-topk-scaling-factor", p.route_scale,
+        "--moe-router-dtype", "fp32",
+        "--moe-token-dispatcher-type", "alltoall",
+    ]  # fmt: skip
+    if p.num_shared_experts:
+        args += ["--moe-shared-expert-intermediate-size", p.num_shared_experts * p.moe_ffn_hidden_size]
+    if p.score_function == "softmax" and not p.normalize_topk:
+        # Softmax over all experts, then top-k without renormalising (DeepSeek-V2).
+        args += ["--moe-router-pre-softmax"]
+    if p.num_groups > 1:
+        args += ["--moe-router-num-groups", p.num_groups, "--moe-router-group-topk", p.group_topk]
+    if p.expert_bias:
+        args += ["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", p.expert_bias_update_rate]
+    if p.seq_aux_loss_coeff > 0:
+        args += ["--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", p.seq_aux_loss_coeff]
+    else:
+        args += ["--moe-router-load-balancing-type", "none"]
+    return args
+
+
+# ---- parallelism ----
+def parallel_args(layout: ParallelLayout) -> list[str]:
+    args = [
+        "--tensor-model-parallel-size", layout.tp,
+        "--pipeline-model-parallel-size", layout.pp,
+        "--expert-model-parallel-size", layout.ep,
+        "--expert-tensor-parallel-size", layout.etp,
+        "--context-parallel-size", layout.cp,
+    ]  # fmt: skip
+    if layout.vpp and not layout.layout:
+        # With a layout string Megatron derives the virtual stages from it and rejects both.
+        args += ["--num-virtual-stages-per-pipeline-rank", layout.vpp]
+    if layout.sp:
+        args += ["--sequence-parallel"]
+    if layout.layout:
+        args += ["--pipeline-model-parallel-layout", layout.layout]
+    if layout.schedule:
+        args += ["--pipeline-schedule", layout.schedule]
+    return [str(a) for a in args]
+
+
+# ---- training ----
+def _opt(flag: str, value) -> list[str]:
+    return [] if value is None else [flag, _text(value)]
+
+
+def _text(value) -> str:
+    if isinstance(value, float):
+        return repr(value) if not value.is_integer() else str(int(value))
+    return str(value)
+
+
+def _number(value: float) -> str:
+    """``10000.0`` as ``10000`` for Megatron's integer-typed flags."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def training_args(t: TrainingSection, seq_length: int) -> list[str]:
+    """Batch, schedule, optimizer, recompute and logging arguments."""
+    argv = ["--micro-batch-size", str(t.micro_batch_size)]
+    if t.rampup_batch_size:
+        argv += ["--step-batch-size-schedule", ramp_schedule(t, seq_length)]
+    else:
+        argv += _opt("--global-batch-size", t.global_batch_size)
+    argv += _opt("--train-iters", t.train_iters) + _opt("--train-samples", t.train_samples)
+    argv += ["--lr", _text(t.lr), "--min-lr", _text(t.min_lr), "--lr-decay-style", t.lr_decay_style]
+    if t.lr_warmup_iters:
+        argv += ["--lr-warmup-iters", str(t.lr_warmup_iters)]
+    if t.lr_warmup_samples:
+        argv += ["--lr-warmup-samples", str(t.lr_warmup_samples)]
+    argv += _opt("--lr-decay-iters", t.lr_decay_iters) + _opt("--lr-decay-samples", t.lr_decay_samples)
+    argv += _opt("--lr-wsd-decay-style", t.lr_wsd_decay_style)
+    argv += _opt("--lr-wsd-decay-iters", t.lr_wsd_decay_iters)
+    argv += _opt("--lr-wsd-decay-samples", t.lr_wsd_decay_samples)
+    argv += [
+        "--optimizer", "adam",  # Megatron's "adam" is AdamW (decoupled weight decay)
+        "--weight-decay", _text(t.weight_decay),
+        "--adam-beta1", _text(t.adam_beta1),
+        "--adam-beta2", _text(t.adam_beta2),
+        "--clip-grad", _text(t.clip_grad),
+        "--seed", str(t.seed),
+    ]  # fmt: skip
+    if t.use_distributed_optimizer:
+        argv += ["--use-distributed-optimizer"]
+    argv += recompute_args(t.recompute)
+    argv += ["--log-interval", str(t.log_interval), "--eval-interval", str(t.eval_interval),
+             "--eval-iters", str(t.eval_iters)]
+    return argv
+
+
+def ramp_schedule(t, seq_length: int) -> str:
+    """``rampup_batch_size: [start, incr, samples]`` as Megatron 0.19's ``--step-batch-size-schedule``.
+
+    Megatron-Core 0.19 still parses ``--rampup-batch-size`` but ignores it
+    (``init_num_microbatches_calculator``: "Deprecated. This argument is ignored."); the step
+    schedule is its replacement.  The old ramp raised the batch by ``incr`` after every
+    ``samples / ((global - start) / incr)`` samples; the schedule has the same steps, with
+    thresholds in tokens (Megatron converts them with ``--seq-length``).
+    """
+    start, incr, samples = t.rampup_batch_size
+    steps = (t.global_batch_size - start) // incr
+    entries = []
+    for i in range(steps + 1):
+        # The first whole sample count at which the old ramp had taken i increments.
+        threshold = (-(-samples * i // steps) if steps else 0) * seq_length
+        entries.append(f"{threshold}:{start + i * incr}")
+    # Megatron's parser accepts commas too; no spaces keeps `$(megatron-dsv3 args ...)` usable.
+    return ",".join(entries)
+
+
+def recompute_args(rc) -> list[str]:
+    if rc.granularity == "selective":
+        return ["--recompute-granularity", "selective", "--recompute-modules", *rc.modules]
+    if rc.granularity == "full":
+        return ["--recompute-granularity", "full", "--recompute-method", rc.method,
+                "--recompute-num-layers", str(rc.num_layers)]
+    return []
+
+
+# ---- data and checkpoints ----
+def data_args(recipe: Recipe) -> list[str]:
+    d = recipe.data
+    if d.source == "embedded":
+        from megatron_dsv3 import data
+
+        return [str(a) for a in data.default_data_args(cache_dir=d.cache_dir)]
+    if d.source == "mock":
+        return ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(recipe.preset.vocab_size)]
+    argv = ["--data-path", *[_text(x) for x in d.paths], "--tokenizer-type", d.tokenizer_type]
+    argv += _opt("--tokenizer-model", d.tokenizer_model)
+    return argv + ["--split", d.split]
+
+
+def checkpoint_args(c) -> list[str]:
+    argv = _opt("--save", c.save) + _opt("--save-interval", c.save_interval) + _opt("--load", c.load)
+    return argv + ["--ckpt-format", c.format]
+
+
+# ---- a preset and a layout as a recipe (tests, benchmarks) ----
+def preset_recipe(
+    preset: ModelPreset | str,
+    layout: ParallelLayout | None = None,
+    *,
+    backend: str = "auto",
+    cpu: bool = True,
+    micro_batch_size: int = 1,
+    extra: list[str] | tuple[str, ...] = (),
+) -> Recipe:
+    """An in-memory recipe for ``preset`` under ``layout``: fp32, mock data, one step, no checkpoints.
+
+    Its global batch (``2 pp`` micro-batches) meets every schedule's rule; the tests feed their own.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    layout = layout or ParallelLayout()
+    base = get_preset(preset.name)
+    overrides = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)
+                 if f.name not in ("name", "description") and getattr(preset, f.name) != getattr(base, f.name)}
+    recipe = Recipe(
+        name=f"{preset.name}-test",
+        model=ModelSection(preset=preset.name, overrides=overrides),
+        backend=backend,
+        precision="fp32",
+        parallel=ParallelSection(world_size=layout.world_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
+                                 ep=layout.ep, etp=layout.etp, cp=layout.cp, sp=layout.sp, layout=layout.layout,
+                                 schedule=layout.schedule),
+        training=TrainingSection(micro_batch_size=micro_batch_size, train_iters=1,
+                                 global_batch_size=micro_batch_size * layout.dp * 2 * layout.pp),
+        extra_args=[str(a) for a in extra],
+    )
+    recipe.hardware.device = "cpu" if cpu else "cuda"
+    recipe.data.source = "mock"
+    return recipe
+
+
+def megatron_argv(
+    preset: ModelPreset | str,
+    layout: ParallelLayout | None = None,
+    *,
+    backend: str = "auto",
+    cpu: bool | None = None,
+    micro_batch_size: int = 1,
+    extra: list[str] | tuple[str, ...] = (),
+) -> list[str]:
+    """Validated Megatron-LM arguments that run ``preset`` under ``layout`` on this machine.
+
+    ``cpu=None`` means "on CPU when no GPU is visible".  An explicit backend that cannot run here
+    is an error now (the arguments are for this machine).
+    """
+    if cpu is None:
+        import torch
+
+        cpu = not torch.cuda.is_available()
+    if backend == "transformer_engine":
+        from megatron_dsv3.model.backends import resolve_backend
+
+        resolve_backend(backend)  # raises the explanatory error where TE cannot run
+    recipe = preset_recipe(preset, layout, backend=backend, cpu=cpu, micro_batch_size=micro_batch_size,
+                           extra=extra)
+    try:
+        return recipe_argv(recipe)
+    except ConfigError as err:  # the recipe is ours, not the user's file: report the preset's keys
+        raise ConfigError(err.problem, fix=err.fix, key=err.key, value=None) from None

@@ -1,0 +1,180 @@
+"""What the plugin's options imply for Megatron's own arguments: written once, applied where the job runs.
+
+``megatron-dsv3 args`` prints only the plugin's options (``--dsv3-backend``, ``--dsv3-cpu``,
+``--pipeline-schedule``); :func:`apply_plugin_options` turns them into Megatron's arguments right
+after Megatron parses them and before it validates them, on the machine that runs the job, so that
+``--dsv3-backend auto`` is decided where Transformer Engine either imports or does not.  An explicit
+Megatron flag that contradicts what an option implies is an error naming both.
+
+:func:`parse_megatron_args` is Megatron's ``parse_args`` + ``validate_args`` on a list (with the
+plugin's options), and :func:`transformer_config` the ``TransformerConfig`` those arguments describe
+with the placement attached: what ``pretrain_gpt.py`` would make of the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import sys
+
+from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.model.backends import resolve_backend
+from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, Placement, megatron_layout, place
+
+# Megatron argument (dest) -> value, per decision.
+CPU_SETTINGS = {
+    "distributed_backend": "gloo",
+    "use_cpu_initialization": True,
+    # Fused RoPE, masked-softmax and persistent layer-norm kernels are CUDA-only.
+    "apply_rope_fusion": False,
+    "masked_softmax_fusion": False,
+    "no_persist_layer_norm": True,
+}
+BACKEND_SETTINGS = {
+    # The local backend has no fused weight-gradient accumulation (that is apex's or TE's), and its
+    # experts run one after another.
+    "local": {"transformer_impl": "local", "gradient_accumulation_fusion": False, "moe_grouped_gemm": False},
+    "transformer_engine": {"transformer_impl": "transformer_engine", "moe_grouped_gemm": True},
+}
+# The flag a user would have written for each setting, for error messages.
+_FLAGS = {
+    "distributed_backend": "--distributed-backend",
+    "use_cpu_initialization": "--use-cpu-initialization",
+    "apply_rope_fusion": "--no-rope-fusion",
+    "masked_softmax_fusion": "--no-masked-softmax-fusion",
+    "no_persist_layer_norm": "--no-persist-layer-norm",
+    "transformer_impl": "--transformer-impl",
+    "gradient_accumulation_fusion": "--no-gradient-accumulation-fusion",
+    "moe_grouped_gemm": "--moe-grouped-gemm",
+    "num_virtual_stages_per_pipeline_rank": "--num-virtual-stages-per-pipeline-rank",
+}
+_APPLIED = "_dsv3_options_applied"
+
+
+def schedule_settings(args: argparse.Namespace) -> dict:
+    """DeepSeek's schedules hold two chunks per rank (Megatron's virtual stages) in their own order;
+    Megatron validates two virtual stages, and the stage layout (model order) is kept for the
+    placement (:func:`transformer_config`)."""
+    schedule = getattr(args, "pipeline_schedule", None)
+    if schedule not in DEEPSEEK_SCHEDULES:
+        return {}
+    return {"num_virtual_stages_per_pipeline_rank": 2, "pipeline_model_parallel_layout": None,
+            "dsv3_pipeline_layout": args.pipeline_model_parallel_layout}
+
+
+def implied_settings(args: argparse.Namespace, backend: str) -> dict:
+    settings = dict(CPU_SETTINGS) if getattr(args, "dsv3_cpu", False) else {}
+    settings.update(BACKEND_SETTINGS[backend])
+    settings.update(schedule_settings(args))
+    return settings
+
+
+def apply_plugin_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Act on the plugin options right after parsing, before Megatron validates the arguments."""
+    if getattr(args, _APPLIED, False):
+        return args
+    if getattr(args, "dsv3_cpu", False):
+        from megatron_dsv3.cpu import enable_cpu_mode
+
+        enable_cpu_mode()
+    requested = getattr(args, "dsv3_backend", "auto")
+    if requested == "auto" and args.transformer_impl == "local":
+        requested = "local"  # Megatron's own --transformer-impl local (its default is transformer_engine)
+    backend = resolve_backend(requested)
+    settings = implied_settings(args, backend)
+    _check_conflicts(args, settings, requested)
+    _check_schedule(args)
+    for dest, value in settings.items():
+        setattr(args, dest, value)
+    setattr(args, _APPLIED, True)
+    return args
+
+
+def _check_conflicts(args, settings: dict, requested: str) -> None:
+    defaults = _megatron_defaults()
+    for dest, value in settings.items():
+        if dest not in _FLAGS or dest not in defaults:
+            continue
+        current = getattr(args, dest, None)
+        if current != value and current != defaults[dest]:
+            raise ConfigError(
+                f"{_FLAGS[dest]} was given as {current!r}, but the plugin's options need {value!r}"
+                f" (--dsv3-backend {requested}{', --dsv3-cpu' if args.dsv3_cpu else ''}"
+                f"{', --pipeline-schedule ' + args.pipeline_schedule if args.pipeline_schedule else ''})",
+                fix=f"remove {_FLAGS[dest]} and let the plugin set it, or change the plugin option",
+                key=_FLAGS[dest],
+            )
+
+
+def _check_schedule(args) -> None:
+    schedule = getattr(args, "pipeline_schedule", None)
+    if schedule is None:
+        return
+    virtual = args.num_virtual_stages_per_pipeline_rank or args.num_layers_per_virtual_pipeline_stage
+    if schedule == "interleaved" and not (virtual or args.pipeline_model_parallel_layout):
+        raise ConfigError("--pipeline-schedule interleaved needs virtual stages",
+                          fix="pass --num-virtual-stages-per-pipeline-rank N (N >= 2) or a"
+                          " --pipeline-model-parallel-layout with more stages than ranks",
+                          key="--pipeline-schedule")
+    if schedule == "1f1b" and virtual and virtual > 1:
+        raise ConfigError(f"--pipeline-schedule 1f1b with {virtual} virtual stages per rank",
+                          fix="use --pipeline-schedule interleaved, or drop the virtual stages",
+                          key="--pipeline-schedule")
+    if schedule in DEEPSEEK_SCHEDULES:
+        if virtual:
+            raise ConfigError(f"--pipeline-schedule {schedule} places two chunks per rank itself",
+                              fix="remove --num-virtual-stages-per-pipeline-rank", key="--pipeline-schedule")
+        if args.pipeline_model_parallel_size < 2:
+            raise ConfigError(f"--pipeline-schedule {schedule} needs --pipeline-model-parallel-size >= 2"
+                              f" (got {args.pipeline_model_parallel_size})",
+                              fix="raise the pipeline size, or drop --pipeline-schedule", key="--pipeline-schedule")
+        # The stage layout is checked here, before any model is built.
+        place(args.num_layers, args.mtp_num_layers or 0, args.pipeline_model_parallel_size,
+              layout=args.pipeline_model_parallel_layout, schedule=schedule)
+
+
+@functools.cache
+def _megatron_defaults() -> dict:
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    add_megatron_arguments(parser)
+    return {a.dest: a.default for a in parser._actions}
+
+
+def attach_placement(config, args: argparse.Namespace):
+    """Put a DeepSeek schedule's placement on a ``TransformerConfig`` (as Megatron's layout object)."""
+    schedule = getattr(args, "pipeline_schedule", None)
+    layout = config.pipeline_model_parallel_layout
+    if schedule in DEEPSEEK_SCHEDULES and not isinstance(getattr(layout, "placement", None), Placement):
+        placement = place(config.num_layers, config.mtp_num_layers or 0, config.pipeline_model_parallel_size,
+                          layout=getattr(args, "dsv3_pipeline_layout", None), schedule=schedule)
+        config.pipeline_model_parallel_layout = megatron_layout(placement)
+    return config
+
+
+def transformer_config(args: argparse.Namespace):
+    """The ``TransformerConfig`` (an ``MLATransformerConfig``) for parsed arguments, placement attached."""
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    return attach_placement(core_transformer_config_from_args(args), args)
+
+
+def parse_megatron_args(argv: list[str], *, quiet: bool = True) -> argparse.Namespace:
+    """Megatron's ``parse_args`` + ``validate_args`` on ``argv`` (not ``sys.argv``), plus our options."""
+    from megatron.training.arguments import parse_args, validate_args
+
+    from megatron_dsv3.args.options import add_dsv3_arguments
+
+    saved = sys.argv
+    sys.argv = ["megatron-dsv3"] + [str(a) for a in argv]
+    try:
+        args = parse_args(extra_args_provider=add_dsv3_arguments)
+    finally:
+        sys.argv = saved
+    apply_plugin_options(args)
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        validate_args(args, {})
+    return args

@@ -1,0 +1,95 @@
+"""Building a DeepSeek-V3 model: Megatron's own builder, with each chunk's roles from the placement.
+
+``megatron-dsv3 train``, stock ``pretrain_gpt.py`` and the tests all build through here: Megatron's
+``gpt_config_from_args`` names :class:`DSV3ModelBuilder` for ``dsv3`` specs (the ``launch`` change
+``dsv3_models_are_built_for_their_placement``), ``pretrain`` calls its ``build_distributed_models``,
+and :func:`build_model_chunks` makes the same call the way ``setup_model_and_optimizer`` does.
+"""
+
+from __future__ import annotations
+
+from megatron.training.models.gpt import GPTModelBuilder
+
+from megatron_dsv3.parallel.placement import placement_of
+
+BUILDER = "megatron_dsv3.model.build.DSV3ModelBuilder"
+
+
+class DSV3ModelBuilder(GPTModelBuilder):
+    """``GPTModelBuilder`` whose chunks take ``pre_process``/``post_process`` from the placement.
+
+    Megatron decides them as "first rank and first virtual stage" / "last rank and last virtual
+    stage", which is the placement's answer for 1F1B and interleaved and the wrong one for
+    DualPipe(V).  Where a rank holds the embedding in one chunk and an MTP copy of it in another
+    (DualPipeV's rank 0), the copy starts equal to the original (a rank-local copy; Megatron's
+    first/last-rank all-reduce has no second rank to read it from).
+    """
+
+    def __init__(self, model_config):
+        super().__init__(model_config)
+        if _copy_local_embeddings not in model_config.pre_wrap_hooks:
+            model_config.pre_wrap_hooks.append(_copy_local_embeddings)
+
+    def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
+        chunk = placement_of(self._model_config).chunk(pg_collection.pp.rank(), vp_stage)
+        return super().build_model(pg_collection, pre_process=chunk.embedding, post_process=chunk.loss,
+                                   vp_stage=vp_stage)
+
+
+def _copy_local_embeddings(chunks):
+    """Give every extra embedding copy on this rank the weights of the chunk that embeds the tokens."""
+    import torch
+
+    source = next((c for c in chunks if getattr(c, "pre_process", False)), None)
+    if source is None:
+        return chunks
+    weight = source.embedding.word_embeddings.weight
+    with torch.no_grad():
+        for chunk in chunks:
+            if chunk is not source and hasattr(chunk, "embedding"):
+                chunk.embedding.word_embeddings.weight.copy_(weight)
+    return chunks
+
+
+def use_dsv3_builder(model_config):
+    """``model_config`` (a ``GPTModelConfig`` for a ``dsv3`` spec), to be built by :class:`DSV3ModelBuilder`."""
+    model_config.builder = BUILDER
+    return model_config
+
+
+def model_config_from_args(args):
+    """The ``GPTModelConfig`` stock ``pretrain_gpt.py`` makes from parsed arguments (the plugin active,
+    so the config carries its placement and names this builder)."""
+    from megatron.training.argument_utils import gpt_config_from_args
+
+    return use_dsv3_builder(gpt_config_from_args(args))
+
+
+def build_model_chunks(args, *, wrap_with_ddp: bool = True, quiet: bool = True):
+    """``(model_config, chunks)``: this rank's model chunks, built as ``pretrain`` builds them.
+
+    The same calls as Megatron's ``setup_model_and_optimizer`` (the configuration-container path of
+    ``pretrain``): ``GPTModelConfig`` from the arguments, then the config's builder's
+    ``build_distributed_models`` with the DDP, optimizer, distributed and RNG settings the same
+    arguments give.  The plugin must be active and Megatron's parallel state initialised.
+    """
+    import contextlib
+    import io
+
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    model_config = model_config_from_args(args)
+    cfg = pretrain_cfg_container_from_args(args, model_config)
+    builder = model_config.get_builder_cls()(model_config)
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        chunks = builder.build_distributed_models(
+            pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+            ddp_config=cfg.ddp,
+            overlap_param_gather_with_optimizer_step=cfg.optimizer.overlap_param_gather_with_optimizer_step,
+            use_megatron_fsdp=cfg.dist.use_megatron_fsdp,
+            use_torch_fsdp2=cfg.dist.use_torch_fsdp2,
+            wrap_with_ddp=wrap_with_ddp,
+            data_parallel_random_init=cfg.rng.data_parallel_random_init,
+        )
+    return model_config, chunks

@@ -1,0 +1,63 @@
+"""Spec providers: where every module of the ``dsv3`` spec comes from (Megatron's ``BackendSpecProvider``).
+
+The spec (:mod:`megatron_dsv3.model.spec`) builds every Linear from a provider: the MLA projections
+(``linear()`` for the replicated down-projections, ``column_parallel_linear()`` /
+``row_parallel_linear()`` for the rest), the dense MLP, the routed experts
+(``grouped_mlp_modules()``), the shared experts and MTP's projection.  A different provider (FP8
+linears, a deferred weight gradient) therefore swaps all of them at once; :func:`provider_for` is the
+one place that chooses.  Embedding, output head and router are not Linears of the spec: Megatron's
+``GPTModel`` and ``TopKRouter`` build them, and they stay in BF16 (paper section 3.3).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+from megatron_dsv3.model.attention import MLACoreAttention
+from megatron_dsv3.model.linear import DuplicatedLinear
+from megatron_dsv3.model.norm import RMSNorm
+
+
+class DSV3LocalSpecProvider(LocalSpecProvider):
+    """Megatron's local modules, with what DeepSeek-V3 needs on top.
+
+    * ``layer_norm``: an RMSNorm that supports sequence parallelism (Megatron's local norm refuses it);
+    * ``core_attention``: an attention that takes MLA's separate query/key and value head sizes;
+    * ``linear``: a linear replicated on every tensor-parallel rank for MLA's down-projections, as
+      Transformer Engine's spec does (Megatron's local spec splits them, which loses part of the
+      rope-key gradient under TP, see :mod:`megatron_dsv3.model.linear`);
+    * ``grouped_mlp_modules``: the routed experts from this provider's own linears (Megatron's local
+      provider names its classes directly, so a subclass could not swap them).
+    """
+
+    def linear(self) -> type:
+        return DuplicatedLinear
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, has_residual: bool = False):
+        return RMSNorm
+
+    def core_attention(self) -> type:
+        return MLACoreAttention
+
+    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool):
+        return partial(
+            SequentialMLP,
+            submodules=MLPSubmodules(
+                linear_fc1=self.column_parallel_linear(),
+                linear_fc2=self.row_parallel_linear(),
+                activation_func=self.activation_func(),
+            ),
+        )
+
+
+def provider_for(config) -> BackendSpecProvider:
+    """The provider for a config's backend (``config.transformer_impl``, already resolved)."""
+    if config.transformer_impl == "local":
+        return DSV3LocalSpecProvider()
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    return TESpecProvider()

@@ -1,1 +1,0 @@
-"""The ``dsv3`` layer spec (Megatron ``ModuleSpec`` trees) and its two backends."""
