@@ -98,12 +98,20 @@ def test_v_placement_takes_uneven_stages_in_model_order():
 @pytest.mark.parametrize("pp", [2, 4])
 def test_dualpipe_placement_mirrors_every_stage_across_the_pipeline(pp):
     p = place(4 * pp, 1, pp, schedule="dualpipe")
+
+    def by_direction(r, direction):
+        return next(c for c in p.rows[r] if c.direction == direction)
+
     for r in range(pp):
-        original, mirror = p.chunk(r, 0), p.chunk(r, 1)
+        original, mirror = by_direction(r, 0), by_direction(r, 1)
         assert original.stage == r and not original.mirror
         assert mirror.stage == pp - 1 - r and mirror.mirror
-        assert mirror.decoders == p.chunk(pp - 1 - r, 0).decoders  # the same layers, a second copy
+        assert mirror.decoders == by_direction(pp - 1 - r, 0).decoders  # the same layers, a second copy
+        # The chunk nearer its direction's start comes first, so MTP is always a rank's last chunk.
+        assert p.chunk(r, 0) is (original if r < pp // 2 else mirror)
+    assert p.chunk(pp - 1, 1).mtp == 1 and p.chunk(0, 1).mtp == 1
     assert p.loss_ranks == (0, pp - 1) and p.loss_rank == pp - 1 and p.param_copies == 2
+    assert p.embedding_group() == (0,) and p.report_rank == pp - 1
     assert [i for c in p.stages for i in c.decoders] == list(range(4 * pp))
 
 

@@ -141,6 +141,9 @@ def parallel_args(layout: ParallelLayout) -> list[str]:
         args += ["--pipeline-model-parallel-layout", layout.layout]
     if layout.schedule:
         args += ["--pipeline-schedule", layout.schedule]
+    for flag, value in (("--dualpipe-zero-bubble", layout.zero_bubble), ("--dualpipe-fb-overlap", layout.fb_overlap)):
+        if value is not None:
+            args += [flag if value else flag.replace("--", "--no-", 1)]
     return [str(a) for a in args]
 
 
@@ -267,7 +270,8 @@ def preset_recipe(
         precision="fp32",
         parallel=ParallelSection(world_size=layout.world_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
                                  ep=layout.ep, etp=layout.etp, cp=layout.cp, sp=layout.sp, layout=layout.layout,
-                                 schedule=layout.schedule),
+                                 schedule=layout.schedule, zero_bubble=layout.zero_bubble,
+                                 fb_overlap=layout.fb_overlap),
         training=TrainingSection(micro_batch_size=micro_batch_size, train_iters=1,
                                  global_batch_size=micro_batch_size * layout.dp * 2 * layout.pp),
         extra_args=[str(a) for a in extra],

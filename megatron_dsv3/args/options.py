@@ -41,4 +41,19 @@ def add_dsv3_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         " stages), or DeepSeek's dualpipe / dualpipev, whose --pipeline-model-parallel-layout lists"
         " the stages in model order.",
     )
+    group.add_argument(
+        "--dualpipe-zero-bubble",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="DualPipe(V): split the backwards the schedule marks into input- and weight-gradient parts"
+        " (zero bubble, the default); --no-dualpipe-zero-bubble runs every backward whole.",
+    )
+    group.add_argument(
+        "--dualpipe-fb-overlap",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="DualPipe(V): run each paired forward and backward overlapped, attention / dispatch / MLP /"
+        " combine interleaved (Megatron-Core's schedule plans), so one side's all-to-all hides behind the"
+        " other's compute. Default: on with expert parallelism (--expert-model-parallel-size > 1).",
+    )
     return parser

@@ -21,7 +21,7 @@ import sys
 
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.backends import resolve_backend
-from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, Placement, megatron_layout, place
+from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, Placement, ScheduleOptions, megatron_layout, place
 
 # Megatron argument (dest) -> value, per decision.
 CPU_SETTINGS = {
@@ -144,14 +144,22 @@ def _megatron_defaults() -> dict:
     return {a.dest: a.default for a in parser._actions}
 
 
+def schedule_options(args: argparse.Namespace) -> ScheduleOptions:
+    """``--dualpipe-zero-bubble`` / ``--dualpipe-fb-overlap`` (overlap: on with expert parallelism)."""
+    overlap = getattr(args, "dualpipe_fb_overlap", None)
+    if overlap is None:
+        overlap = args.expert_model_parallel_size > 1
+    return ScheduleOptions(zero_bubble=getattr(args, "dualpipe_zero_bubble", True), fb_overlap=bool(overlap))
+
+
 def attach_placement(config, args: argparse.Namespace):
-    """Put a DeepSeek schedule's placement on a ``TransformerConfig`` (as Megatron's layout object)."""
+    """Put a DeepSeek schedule's placement and options on a ``TransformerConfig`` (as Megatron's layout object)."""
     schedule = getattr(args, "pipeline_schedule", None)
     layout = config.pipeline_model_parallel_layout
     if schedule in DEEPSEEK_SCHEDULES and not isinstance(getattr(layout, "placement", None), Placement):
         placement = place(config.num_layers, config.mtp_num_layers or 0, config.pipeline_model_parallel_size,
                           layout=getattr(args, "dsv3_pipeline_layout", None), schedule=schedule)
-        config.pipeline_model_parallel_layout = megatron_layout(placement)
+        config.pipeline_model_parallel_layout = megatron_layout(placement, schedule_options(args))
     return config
 
 

@@ -20,15 +20,14 @@ class DSV3ModelBuilder(GPTModelBuilder):
 
     Megatron decides them as "first rank and first virtual stage" / "last rank and last virtual
     stage", which is the placement's answer for 1F1B and interleaved and the wrong one for
-    DualPipe(V).  Where a rank holds the embedding in one chunk and an MTP copy of it in another
-    (DualPipeV's rank 0), the copy starts equal to the original (a rank-local copy; Megatron's
-    first/last-rank all-reduce has no second rank to read it from).
+    DualPipe(V).  Before the chunks are wrapped, the copies a DeepSeek placement keeps are made
+    equal (:func:`_equalise_copies`).
     """
 
     def __init__(self, model_config):
         super().__init__(model_config)
-        if _copy_local_embeddings not in model_config.pre_wrap_hooks:
-            model_config.pre_wrap_hooks.append(_copy_local_embeddings)
+        if _equalise_copies not in model_config.pre_wrap_hooks:
+            model_config.pre_wrap_hooks.append(_equalise_copies)
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
         chunk = placement_of(self._model_config).chunk(pg_collection.pp.rank(), vp_stage)
@@ -36,8 +35,84 @@ class DSV3ModelBuilder(GPTModelBuilder):
                                    vp_stage=vp_stage)
 
 
+def _equalise_copies(chunks):
+    """DualPipe's mirrored stage copies receive their original's weights (from rank P-1-r) and are
+    marked as replicas; then every extra embedding copy on a rank takes the weights of the chunk
+    that embeds the tokens (DualPipeV's rank 0: the MTP copy; Megatron's first/last-rank
+    all-reduce of such copies has no second rank to read them from)."""
+    from megatron_dsv3.parallel.placement import placement_of
+
+    placement = placement_of(chunks[0].config)
+    if placement.schedule == "dualpipe":
+        _copy_mirrors(chunks, placement)
+    return _copy_local_embeddings(chunks)
+
+
+def _copy_mirrors(chunks, placement) -> None:
+    import torch
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    group = parallel_state.get_pipeline_model_parallel_group()
+    partner = torch.distributed.get_process_group_ranks(group)[placement.pp - 1 - rank]
+    original_vp = next(c for c in placement.rows[rank] if not c.mirror).vp_stage
+    original, mirror = chunks[original_vp], chunks[1 - original_vp]
+    ops = [torch.distributed.P2POp(torch.distributed.isend, p.data.contiguous(), partner, group)
+           for p in original.parameters()]
+    received = [torch.empty_like(p.data) for p in mirror.parameters()]
+    ops += [torch.distributed.P2POp(torch.distributed.irecv, r, partner, group) for r in received]
+    for request in torch.distributed.batch_isend_irecv(ops):
+        request.wait()
+    with torch.no_grad():
+        for p, r in zip(mirror.parameters(), received):
+            p.copy_(r)
+    _mark_as_replica(mirror)
+
+
+def _mark_as_replica(model) -> None:
+    """A mirrored copy: counted once in the gradient norm (``shared``), saved as a replica."""
+    for param in model.parameters():
+        param.shared = True
+    sharded_state_dict = model.sharded_state_dict
+
+    def replica_sharded_state_dict(*args, **kwargs):
+        from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+        state = sharded_state_dict(*args, **kwargs)
+
+        def mark(item):
+            if isinstance(item, dict):
+                for value in item.values():
+                    mark(value)
+            elif isinstance(item, (list, tuple)):
+                for value in item:
+                    mark(value)
+            elif isinstance(item, ShardedBase):
+                rid = item.replica_id
+                item.replica_id = (rid[0] + 1, *rid[1:]) if isinstance(rid, tuple) else rid + 1
+
+        mark(state)
+        return state
+
+    model.sharded_state_dict = replica_sharded_state_dict
+
+
+def embedding_copies(chunks) -> list:
+    """This rank's copies of the word embedding, one per chunk that holds one: the embedding
+    itself, MTP's copy, or a tied output head's weight on a chunk that does not embed."""
+    copies = []
+    for chunk in chunks:
+        while hasattr(chunk, "module"):  # DDP, Float16Module
+            chunk = chunk.module
+        if hasattr(chunk, "embedding"):
+            copies.append(chunk.embedding.word_embeddings.weight)
+        elif getattr(chunk, "share_embeddings_and_output_weights", False) and getattr(chunk, "post_process", False):
+            copies.append(chunk.output_layer.weight)
+    return copies
+
+
 def _copy_local_embeddings(chunks):
-    """Give every extra embedding copy on this rank the weights of the chunk that embeds the tokens."""
+    """Every extra embedding copy on this rank takes the weights of the chunk that embeds the tokens."""
     import torch
 
     source = next((c for c in chunks if getattr(c, "pre_process", False)), None)
@@ -45,9 +120,9 @@ def _copy_local_embeddings(chunks):
         return chunks
     weight = source.embedding.word_embeddings.weight
     with torch.no_grad():
-        for chunk in chunks:
-            if chunk is not source and hasattr(chunk, "embedding"):
-                chunk.embedding.word_embeddings.weight.copy_(weight)
+        for copy in embedding_copies(chunks):
+            if copy is not weight:
+                copy.copy_(weight)
     return chunks
 
 

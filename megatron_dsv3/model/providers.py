@@ -20,6 +20,12 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron_dsv3.model.attention import MLACoreAttention
 from megatron_dsv3.model.linear import DuplicatedLinear
 from megatron_dsv3.model.norm import RMSNorm
+from megatron_dsv3.model.wgrad import (
+    DeferrableColumnParallelLinear,
+    DeferrableDuplicatedLinear,
+    DeferrableRowParallelLinear,
+)
+from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, placement_of
 
 
 class DSV3LocalSpecProvider(LocalSpecProvider):
@@ -54,9 +60,28 @@ class DSV3LocalSpecProvider(LocalSpecProvider):
         )
 
 
+class DeferringLocalSpecProvider(DSV3LocalSpecProvider):
+    """The local backend with every spec Linear able to defer its weight gradient (DualPipe's W)."""
+
+    def column_parallel_linear(self) -> type:
+        return DeferrableColumnParallelLinear
+
+    def row_parallel_linear(self) -> type:
+        return DeferrableRowParallelLinear
+
+    def linear(self) -> type:
+        return DeferrableDuplicatedLinear
+
+
 def provider_for(config) -> BackendSpecProvider:
-    """The provider for a config's backend (``config.transformer_impl``, already resolved)."""
+    """The provider for a config's backend (``config.transformer_impl``, already resolved).
+
+    Under DeepSeek's schedules the local backend's linears can defer their weight gradient (the
+    schedule's W, :mod:`megatron_dsv3.model.wgrad`); not deferring, they compute what Megatron's do.
+    """
     if config.transformer_impl == "local":
+        if placement_of(config).schedule in DEEPSEEK_SCHEDULES:
+            return DeferringLocalSpecProvider()
         return DSV3LocalSpecProvider()
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 

@@ -146,6 +146,10 @@ def _validate_pipeline(p: ModelPreset, layout: ParallelLayout) -> None:
             "remove vpp or raise pp", "vpp",
         )
     schedule = layout.schedule or default_schedule(layout.pp, layout.vpp, layout.layout)
+    for option in ("zero_bubble", "fb_overlap"):
+        _require(getattr(layout, option) is None or schedule in DEEPSEEK_SCHEDULES,
+                 f"parallel.{option} is an option of the dualpipe and dualpipev schedules (schedule is {schedule})",
+                 f"remove parallel.{option}, or set parallel.schedule: dualpipev", option)
     if schedule in DEEPSEEK_SCHEDULES:
         _require(layout.vpp is None,
                  f"parallel.vpp={layout.vpp} with parallel.schedule={schedule}: the schedule places two"

@@ -30,6 +30,9 @@ class ParallelLayout:
     sp: bool = False
     layout: str | None = None
     schedule: str | None = None
+    # DualPipe(V) only: split backwards into B and W (None: on); overlap F&B pairs (None: with EP > 1).
+    zero_bubble: bool | None = None
+    fb_overlap: bool | None = None
 
     @property
     def world_size(self) -> int:

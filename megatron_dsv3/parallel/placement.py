@@ -14,8 +14,10 @@ shares the embedding and the head; arXiv 2412.19437v2, section 2.2).  A schedule
 * ``dualpipev`` (DeepSeek): ``2 pp`` stages in a V: rank ``r`` holds stage ``r`` (chunk 0) and stage
   ``2 pp - 1 - r`` (chunk 1), so rank 0 holds the embedding, the head, the loss and MTP together.
 * ``dualpipe`` (DeepSeek): ``pp`` stages, each held twice: rank ``r`` holds stage ``r`` for the
-  micro-batches entering at rank 0 (chunk 0) and a mirrored copy of stage ``pp - 1 - r`` for those
-  entering at rank ``pp - 1`` (chunk 1); the two copies keep identical weights.
+  micro-batches entering at rank 0 (direction 0) and a mirrored copy of stage ``pp - 1 - r`` for
+  those entering at rank ``pp - 1`` (direction 1); the two copies keep identical weights.  A rank's
+  first chunk (``vp_stage`` 0) is the one nearer the start of its direction, as in a V, so the
+  chunk holding MTP is always a rank's last (Megatron builds MTP only there).
 
 Layers per stage come from Megatron's rules for Megatron's schedules (its
 ``PipelineParallelLayerLayout`` for a layout string, else ``get_num_layers_to_build`` /
@@ -49,6 +51,11 @@ class Chunk:
     mtp: int = 0  # MTP layers on this chunk
     loss: bool = False  # final norm, output head and loss: Megatron's post_process
     mirror: bool = False  # DualPipe's second copy of a stage (its weights equal the first copy's)
+
+    @property
+    def direction(self) -> int:
+        """DualPipe: 0 for the micro-batches entering at rank 0, 1 for those entering at the last rank."""
+        return 1 if self.mirror else 0
 
     def describe(self, first_k_dense: int = 0) -> str:
         parts = ["embedding"] if self.embedding else []
@@ -119,6 +126,21 @@ class Placement:
         """Pipeline ranks holding a copy of the word embedding: where it embeds the tokens, where
         MTP embeds the shifted tokens, and (``tied``) where the output head reuses it."""
         return tuple(sorted({c.pp_rank for c in self.chunks() if c.embedding or c.mtp or (tied and c.loss)}))
+
+    def embedding_group(self, tied: bool = False) -> tuple[int, ...]:
+        """Megatron's embedding group: the ranks whose embedding copies Megatron all-reduces.
+
+        Megatron's placements: every rank with a copy.  DeepSeek's: one rank, so Megatron's own
+        all-reduce does nothing; those copies are summed by the schedule (``pipeline/copies.py``).
+        """
+        ranks = self.embedding_ranks(tied)
+        return ranks[:1] if self.schedule in DEEPSEEK_SCHEDULES else ranks
+
+    @property
+    def report_rank(self) -> int:
+        """The rank where Megatron's training loop reduces and logs the loss: its last pipeline
+        rank; DeepSeek's schedules send their loss reports there."""
+        return self.pp - 1
 
     @property
     def mtp_ranks(self) -> tuple[int, ...]:
@@ -335,13 +357,34 @@ def _deepseek_placement(stages, pp, num_layers, mtp_num_layers, schedule) -> Pla
 
     if schedule == "dualpipev":
         rows = [(chunk(r, r, 0), chunk(2 * pp - 1 - r, r, 1)) for r in range(pp)]
-    else:
-        rows = [(chunk(r, r, 0), chunk(pp - 1 - r, r, 1, mirror=True)) for r in range(pp)]
+    else:  # direction 0 is stage r, direction 1 the mirror of stage pp-1-r; the nearer start first
+        rows = [(chunk(r, r, 0), chunk(pp - 1 - r, r, 1, mirror=True)) if r < pp // 2
+                else (chunk(pp - 1 - r, r, 0, mirror=True), chunk(r, r, 1)) for r in range(pp)]
     return Placement(schedule, tuple(rows), num_layers, mtp_num_layers)
 
 
 # ---- the placement as Megatron's layout object ----
-def megatron_layout(placement: Placement):
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """How DeepSeek's schedules run their operations (``--dualpipe-zero-bubble``, ``--dualpipe-fb-overlap``).
+
+    ``zero_bubble``: the backwards the schedule marks ``z`` leave their weight GEMMs for a later
+    ``W`` (off: every backward is whole and ``W`` does nothing).  ``fb_overlap``: a forward and a
+    backward paired by the schedule run overlapped, layer piece by layer piece (off: one after the
+    other).  Either way the losses are the same.
+    """
+
+    zero_bubble: bool = True
+    fb_overlap: bool = False
+
+
+def schedule_options_of(config) -> ScheduleOptions:
+    """The options a config's pipeline runs with (the defaults for Megatron's own placements)."""
+    config = getattr(config, "transformer", config)
+    return getattr(config.pipeline_model_parallel_layout, "options", None) or ScheduleOptions()
+
+
+def megatron_layout(placement: Placement, options: ScheduleOptions | None = None):
     """A Megatron ``PipelineParallelLayerLayout`` that describes a DeepSeek placement.
 
     Megatron's layout class hard-codes the interleaved order (stage ``v * pp + r`` on rank ``r``,
@@ -350,7 +393,7 @@ def megatron_layout(placement: Placement):
     from it, so ``TransformerBlock`` numbers every layer globally (and checkpoints key it so) with
     no other change.  ``TransformerConfig`` accepts a layout object as it is.
     """
-    return _placement_layout_class()(placement)
+    return _placement_layout_class()(placement, options or ScheduleOptions())
 
 
 @functools.cache
@@ -361,8 +404,9 @@ def _placement_layout_class():
     class PlacementLayout(PipelineParallelLayerLayout):
         """Megatron's layout interface over a megatron-dsv3 ``Placement`` (see ``megatron_layout``)."""
 
-        def __init__(self, placement: Placement):  # no parsing: the placement is the layout
+        def __init__(self, placement: Placement, options: ScheduleOptions):  # no parsing: the placement is the layout
             self.placement = placement
+            self.options = options
             self.input_data = f"{placement.schedule}: " + "; ".join(placement.render().splitlines())
             self.pipeline_model_parallel_size = placement.pp
             self.virtual_pipeline_model_parallel_size = placement.vpp
@@ -370,7 +414,7 @@ def _placement_layout_class():
             self.flatten_layout = [k for c in placement.stages for k in _kinds(c, LayerType)]
 
         def __reduce__(self):  # picklable: Megatron saves its arguments in every checkpoint
-            return (megatron_layout, (self.placement,))
+            return (megatron_layout, (self.placement, self.options))
 
         def validate_layer_layout(self, num_layers, mtp_num_layers):
             if num_layers != self.placement.num_layers or (mtp_num_layers or 0) != self.placement.mtp_num_layers:

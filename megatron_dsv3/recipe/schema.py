@@ -68,6 +68,10 @@ class ParallelSection:
                              " (dualpipe/dualpipev: the stages in model order)")
     schedule: str | None = key(None, "pipeline schedule (--pipeline-schedule); null = 1f1b, or interleaved"
                                " with vpp", choices=SCHEDULES)
+    zero_bubble: bool | None = key(None, "dualpipe/dualpipev: split backwards into input- and weight-gradient"
+                                   " parts (--dualpipe-zero-bubble); null = on")
+    fb_overlap: bool | None = key(None, "dualpipe/dualpipev: overlap paired forwards and backwards"
+                                  " (--dualpipe-fb-overlap); null = on with ep > 1")
 
 
 @dataclass

@@ -25,7 +25,8 @@ def parallel_layout(recipe, world_size: int | None = None) -> ParallelLayout:
             f" {par.tp} x {par.pp} x {par.cp} = {model_ranks}",
             f"use a multiple of {model_ranks} GPUs, or change tp, pp or cp")
     return ParallelLayout(tp=par.tp, pp=par.pp, vpp=par.vpp, ep=par.ep, etp=par.etp, cp=par.cp,
-                          dp=ws // model_ranks, sp=par.sp, layout=par.layout, schedule=par.schedule)
+                          dp=ws // model_ranks, sp=par.sp, layout=par.layout, schedule=par.schedule,
+                          zero_bubble=par.zero_bubble, fb_overlap=par.fb_overlap)
 
 
 def global_batch(recipe, layout: ParallelLayout) -> int:

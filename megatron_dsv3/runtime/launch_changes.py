@@ -198,3 +198,120 @@ def dsv3_models_are_built_for_their_placement():
         return model_config
 
     replace("megatron.training.argument_utils.gpt_config_from_args", gpt_config_from_args_with_dsv3_builder)
+
+
+@megatron_change(
+    targets=[
+        "megatron.core.pipeline_parallel.schedules.get_forward_backward_func",
+        "megatron.core.pipeline_parallel.get_forward_backward_func",
+        "megatron.training.training.get_forward_backward_func",
+    ],
+    versions="megatron-core 0.19.x (no DualPipe in any release)",
+    fixed_upstream_when="get_forward_backward_func offers DualPipe / DualPipeV",
+)
+def training_loop_runs_dualpipe():
+    """``--pipeline-schedule dualpipe|dualpipev`` replaces the schedule Megatron's loop runs.
+
+    Megatron's ``train_step`` and ``evaluate`` call whatever ``get_forward_backward_func`` returns,
+    which picks 1F1B or interleaved from the pipeline sizes alone.  The replacement returns a
+    function with the same signature that runs ``megatron_dsv3.pipeline.runner`` when the model's
+    config carries a DualPipe(V) placement and Megatron's own choice otherwise (training,
+    evaluation and ``forward_only`` alike).
+    """
+    get_forward_backward_func = original("megatron.core.pipeline_parallel.schedules.get_forward_backward_func")
+
+    def get_forward_backward_func_with_dualpipe(*args, **kwargs):
+        megatron_choice = get_forward_backward_func(*args, **kwargs)
+
+        def forward_backward(**step_kwargs):
+            from megatron.core.utils import get_model_config
+
+            from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, placement_of
+
+            model = step_kwargs["model"]
+            config = get_model_config(model[0] if isinstance(model, list) else model)
+            if placement_of(config).schedule in DEEPSEEK_SCHEDULES:
+                from megatron_dsv3.pipeline.runner import dualpipe_forward_backward
+
+                return dualpipe_forward_backward(**step_kwargs)
+            return megatron_choice(**step_kwargs)
+
+        return forward_backward
+
+    for target in ("megatron.core.pipeline_parallel.schedules.get_forward_backward_func",
+                   "megatron.core.pipeline_parallel.get_forward_backward_func",
+                   "megatron.training.training.get_forward_backward_func"):
+        replace(target, get_forward_backward_func_with_dualpipe)
+
+
+@megatron_change(
+    targets=[
+        "megatron.core.pipeline_parallel.schedules.forward_step_calc_loss",
+        "megatron.training.utils.common_utils.is_first_or_last_pipeline_stage",
+        "megatron.training.utils.is_first_or_last_pipeline_stage",
+        "megatron.core.transformer.module.Float16Module.forward",
+    ],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="Megatron-Core asks its pipeline layout, not 'first/last rank and virtual "
+    "stage', which chunk embeds the tokens and which holds the loss",
+)
+def stage_roles_follow_the_dualpipe_placement():
+    """Where Megatron decides "first stage" / "last stage" per chunk, a DualPipe(V) placement answers.
+
+    Under DualPipeV the loss is on rank 0's second chunk, which Megatron's predicates call neither
+    first nor last.  Three places need the placement's answer: the loss computation of the
+    overlapped forward/backward step (``forward_step_calc_loss`` when called without
+    ``is_last_stage``), the data a chunk is given (``is_first_or_last_pipeline_stage``, used by
+    ``pretrain_gpt.py``'s ``get_batch`` and dataset builder), and the bf16 wrapper's conversions
+    (``Float16Module`` casts the inputs of the chunk that embeds and the outputs of the chunk with
+    the loss).  Other placements keep Megatron's answers.
+    """
+    calc_loss = original("megatron.core.pipeline_parallel.schedules.forward_step_calc_loss")
+    float16_forward = original("megatron.core.transformer.module.Float16Module.forward")
+
+    def dualpipe_chunk(config, vp_stage):
+        from megatron.core import parallel_state
+
+        from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, placement_of
+
+        placement = placement_of(config)
+        if placement.schedule not in DEEPSEEK_SCHEDULES:
+            return None
+        return placement.chunk(parallel_state.get_pipeline_model_parallel_rank(), vp_stage)
+
+    def forward_step_calc_loss(model, output_tensor, loss_func, config, vp_stage, *args, **kwargs):
+        if kwargs.get("is_last_stage") is None and len(args) < 5:
+            chunk = dualpipe_chunk(config, vp_stage)
+            if chunk is not None:
+                from megatron.core import parallel_state
+
+                kwargs["is_last_stage"] = chunk.loss
+                kwargs["cp_group_size"] = parallel_state.get_context_parallel_world_size()
+        return calc_loss(model, output_tensor, loss_func, config, vp_stage, *args, **kwargs)
+
+    is_first_or_last = original("megatron.training.utils.common_utils.is_first_or_last_pipeline_stage")
+
+    def is_first_or_last_pipeline_stage(vp_stage):
+        from megatron.training import get_args
+        from megatron.training.arguments import core_transformer_config_from_args
+
+        chunk = dualpipe_chunk(core_transformer_config_from_args(get_args()), vp_stage)
+        if chunk is None:
+            return is_first_or_last(vp_stage)
+        return chunk.embedding or chunk.loss
+
+    def forward(self, *inputs, fp32_output=True, **kwargs):
+        chunk = dualpipe_chunk(self.config, self.vp_stage)
+        if chunk is None:
+            return float16_forward(self, *inputs, fp32_output=fp32_output, **kwargs)
+        from megatron.core.transformer.module import float16_to_fp32, fp32_to_float16
+
+        if chunk.embedding:
+            inputs = fp32_to_float16(inputs, self.float16_convertor)
+        outputs = self.module(*inputs, **kwargs)
+        return float16_to_fp32(outputs) if chunk.loss and fp32_output else outputs
+
+    replace("megatron.core.pipeline_parallel.schedules.forward_step_calc_loss", forward_step_calc_loss)
+    replace("megatron.training.utils.common_utils.is_first_or_last_pipeline_stage", is_first_or_last_pipeline_stage)
+    replace("megatron.training.utils.is_first_or_last_pipeline_stage", is_first_or_last_pipeline_stage)
+    replace("megatron.core.transformer.module.Float16Module.forward", forward)

@@ -65,7 +65,7 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234, *, cpu: bool = True,
         context_parallel_size=layout.cp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
-        get_embedding_ranks=lambda pp_ranks, *_: [pp_ranks[r] for r in placement.embedding_ranks()],
+        get_embedding_ranks=lambda pp_ranks, *_: [pp_ranks[r] for r in placement.embedding_group()],
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
@@ -209,6 +209,17 @@ def _microbatches(tokens: torch.Tensor, micro_batch_size: int):
 
 
 def _forward_step(data_iterator, model):
+    """Megatron's ``forward_step_func`` contract over :func:`_microbatches`; like ``megatron-dsv3
+    train``'s, a chunk reads a micro-batch only if its placement role needs one."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_attr_wrapped_model, get_model_config
+
+    from megatron_dsv3.parallel.placement import placement_of
+
+    vp_stage = get_attr_wrapped_model(model, "vp_stage")
+    placement = placement_of(get_model_config(model))
+    if not placement.needs_batch(parallel_state.get_pipeline_model_parallel_rank(), vp_stage)[0]:
+        return model(None, None, None), partial(loss_func, None)
     batch = next(data_iterator)
     output = model(
         batch["tokens"],
@@ -258,8 +269,7 @@ def train_step(chunks, config, tokens: torch.Tensor, micro_batch_size: int, opti
     )
     from megatron_dsv3.parallel.placement import placement_of
 
-    placement = placement_of(config)
-    counted = (parallel_state.get_pipeline_model_parallel_rank() in placement.loss_ranks
+    counted = (parallel_state.get_pipeline_model_parallel_rank() == placement_of(config).report_rank
                and parallel_state.get_tensor_model_parallel_rank() == 0)
     loss_sum = sum(float(r["lm loss"][0]) for r in reports) if counted else 0.0
     ntok = sum(float(r["lm loss"][1]) for r in reports) if counted else 0.0

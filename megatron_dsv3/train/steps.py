@@ -37,11 +37,11 @@ def _needs_batch(vp_stage) -> tuple[bool, bool]:
 
 def reports_loss() -> bool:
     """Whether this process prints the step's loss: tensor-, context- and data-parallel rank 0 of
-    the pipeline rank that holds the loss."""
+    the pipeline rank where Megatron's loop reduces it (the placement's ``report_rank``)."""
     from megatron.core import parallel_state
 
     return (
-        parallel_state.get_pipeline_model_parallel_rank() == _placement().loss_rank
+        parallel_state.get_pipeline_model_parallel_rank() == _placement().report_rank
         and parallel_state.get_tensor_model_parallel_rank() == 0
         and parallel_state.get_context_parallel_rank() == 0
         and parallel_state.get_data_parallel_rank() == 0
@@ -144,9 +144,10 @@ datasets_provider.is_distributed = True
 
 
 def embedding_ranks(pp_ranks: list[int]) -> list[int]:
-    """Ranks that hold a copy of the word embedding (Megatron's embedding group): where the tokens
-    are embedded, where MTP embeds the shifted tokens, and where a tied output head reuses it."""
+    """Megatron's embedding group: the ranks whose copies of the word embedding Megatron keeps
+    equal (where the tokens are embedded, where MTP embeds the shifted tokens, where a tied output
+    head reuses it; a single rank under DeepSeek's schedules, which sum their copies themselves)."""
     from megatron.training import get_args
 
     tied = not get_args().untie_embeddings_and_output_weights
-    return [pp_ranks[r] for r in _placement().embedding_ranks(tied=tied)]
+    return [pp_ranks[r] for r in _placement().embedding_group(tied=tied)]
