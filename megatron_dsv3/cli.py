@@ -110,6 +110,57 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return launcher.run(plan, verbose=ns.verbose)
 
 
+def cmd_schedule(ns: argparse.Namespace) -> int:
+    from megatron_dsv3.pipeline import compare
+    from megatron_dsv3.pipeline.engine import DEEPSEEK
+
+    schedules = compare.parse_schedules(ns.schedule)
+    extra: dict = {}
+    unit = ""
+    if ns.recipe:
+        from megatron_dsv3.pipeline.costs import Machine, recipe_costs
+        from megatron_dsv3.recipe import load_recipe
+
+        recipe = load_recipe(ns.recipe, ns.overrides)
+        default = Machine.default(recipe.precision, recipe.hardware.gpus_per_node)
+        machine = Machine(tflops=ns.tflops or default.tflops, ib_gbs=ns.ib_gbs or default.ib_gbs,
+                          nvlink_gbs=ns.nvlink_gbs or default.nvlink_gbs, gpus_per_node=default.gpus_per_node)
+        model, context = recipe_costs(recipe, machine)
+        pp, microbatches = context["pp"], ns.microbatches or context["microbatches"]
+        vpp = ns.vpp or context["vpp"] or 2
+        overlap = context["ep"] > 1 if ns.fb is None else ns.fb
+        costs_for = lambda s: model.costs(overlap and s in DEEPSEEK)  # noqa: E731
+        extra = {"recipe": recipe.name, **context, "microbatches": microbatches, "model_ms": model.to_dict(),
+                 "fb_overlap": overlap}
+        unit = " ms"
+        print(f"recipe {recipe.name}: pp {pp}, ep {context['ep']}, {microbatches} micro-batches per step;"
+              f" per micro-batch and rank share: forward {model.forward_compute:.1f} ms compute +"
+              f" {model.forward_a2a:.1f} ms all-to-all, backward {model.backward_compute:.1f} +"
+              f" {model.backward_a2a:.1f} ms (weight part {model.weight_compute:.1f}), stage transfer"
+              f" {model.p2p:.2f} ms; {machine.tflops:g} TFLOP/s, IB {machine.ib_gbs:g} GB/s"
+              + ("; DualPipe(V) overlap their pairs" if overlap else "") if not ns.json else "")
+    else:
+        pp, microbatches, vpp = ns.pp, ns.microbatches or 2 * 2 * ns.pp, ns.vpp or 2
+        costs = compare.Costs(F=ns.f, B=ns.b, W=ns.w, FB=ns.fb_cost, C=ns.comm)
+        costs_for = lambda s: costs  # noqa: E731
+    results = compare.compare(schedules, pp, microbatches, costs_for, vpp=vpp, zero_bubble=not ns.no_zero_bubble)
+    if ns.json:
+        print(json.dumps(compare.to_json(results, {"pp": pp, "microbatches": microbatches, **extra}), indent=2))
+    else:
+        if not ns.recipe:
+            print(f"pp {pp}, {microbatches} micro-batches per step; costs per micro-batch and rank share: F {ns.f:g},"
+                  f" B {ns.b:g} (W {ns.w:g}), F&B {ns.fb_cost if ns.fb_cost is not None else ns.f + ns.b:g},"
+                  f" transfer {ns.comm:g}")
+        print(compare.render_table(results, unit))
+        if ns.order:
+            print(compare.render_orders(results))
+    if ns.plot:
+        compare.plot(results, ns.plot, title=f"pp {pp}, {microbatches} micro-batches")
+        if not ns.json:
+            print(f"wrote {ns.plot}")
+    return 0
+
+
 def _add_recipe_arguments(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
     p.add_argument("recipe", nargs="?" if optional else None,
                    help="a recipe YAML file or the name of a shipped recipe"
@@ -184,6 +235,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes on this machine (default: the recipe's parallel.world_size; gloo on CPU)")
     p.add_argument("--verbose", action="store_true", help="show Megatron's full output")
     p.set_defaults(func=cmd_train, megatron_args=[])
+
+    p = sub.add_parser(
+        "schedule", help="simulate pipeline schedules (1F1B, interleaved, ZB1P, DualPipe, DualPipeV) side by side",
+        description="Times each rank's operations in the order the schedule runs them (DualPipe and DualPipeV:"
+        " the engine's own programs) with given costs, or with a cost model of a recipe (--recipe).")
+    p.add_argument("--schedule", default="all", help="'all' or a comma-separated list (default: all)")
+    p.add_argument("--pp", type=int, default=4, help="pipeline ranks (default 4)")
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="micro-batches per step (default: 4 x pp, or the recipe's)")
+    p.add_argument("--vpp", type=int, default=None, help="interleaved's chunks per rank (default 2)")
+    p.add_argument("--f", type=float, default=1.0, help="forward time of a rank's share (default 1)")
+    p.add_argument("--b", type=float, default=2.0, help="whole backward time (default 2)")
+    p.add_argument("--w", type=float, default=1.0, help="the weight-gradient part of --b (default 1)")
+    p.add_argument("--fb-cost", type=float, default=None,
+                   help="an overlapped forward+backward pair (default: F + B, no overlap gain)")
+    p.add_argument("--comm", type=float, default=0.0, help="a transfer between ranks (default 0)")
+    p.add_argument("--no-zero-bubble", action="store_true", help="DualPipe(V) without the split backward")
+    p.add_argument("--recipe", default=None, help="take pp, micro-batches and costs from a recipe's cost model")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (with --recipe)")
+    p.add_argument("--fb", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --recipe: DualPipe(V) overlap their pairs (default: when ep > 1)")
+    p.add_argument("--tflops", type=float, default=None, help="with --recipe: achieved TFLOP/s per GPU")
+    p.add_argument("--ib-gbs", type=float, default=None, help="with --recipe: InfiniBand GB/s per GPU (50)")
+    p.add_argument("--nvlink-gbs", type=float, default=None, help="with --recipe: NVLink GB/s per GPU (160)")
+    p.add_argument("--order", action="store_true", help="print each rank's operations in order")
+    p.add_argument("--json", action="store_true", help="machine-readable output (each rank's order under 'ranks')")
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="draw the timelines (needs matplotlib)")
+    p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("specs", help="list the spec names `--spec NAME` accepts")
     p.set_defaults(func=cmd_specs)

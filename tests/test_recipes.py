@@ -125,14 +125,16 @@ def test_671b_recipes_are_estimated_to_fit_80_gb(name):
 
 def test_h800_recipe_uses_the_papers_parallelism_and_hyper_parameters():
     """FACTS.md: PP16, EP64 over 8 nodes, ZeRO-1, no TP; AdamW 0.9/0.95, wd 0.1, lr 2.2e-4, clip 1.0,
-    batch 3072 -> 15360 over 469B tokens, seq 4K, MTP 0.3, bias update 0.001, seq-aux 1e-4."""
+    batch ramp to 15360 over 469B tokens, seq 4K, MTP 0.3, bias update 0.001, seq-aux 1e-4; DualPipe.
+    The ramp starts at 4096, not the paper's 3072: DualPipe needs 2 x PP = 32 micro-batches per DP rank."""
     r = load_recipe("deepseek-v3-671b-h800-2048")
     lay = parallel_layout(r)
     assert (r.parallel.world_size, lay.tp, lay.pp, lay.ep, lay.dp) == (2048, 1, 16, 64, 128)
     assert lay.ep // r.hardware.gpus_per_node == 8 and r.training.use_distributed_optimizer
     t, p = r.training, r.preset
     assert (t.adam_beta1, t.adam_beta2, t.weight_decay, t.lr, t.clip_grad) == (0.9, 0.95, 0.1, 2.2e-4, 1.0)
-    assert (t.rampup_batch_size[0], t.global_batch_size) == (3072, 15360)
+    assert (t.rampup_batch_size[0], t.global_batch_size) == (4096, 15360) and r.parallel.schedule == "dualpipe"
+    assert t.rampup_batch_size[0] // (t.micro_batch_size * lay.dp) == 2 * lay.pp
     assert t.rampup_batch_size[2] * p.seq_length == pytest.approx(469e9, rel=1e-6)
     assert (p.seq_length, p.rope_type, p.mtp_loss_scaling_factor) == (4096, "rope", 0.3)
     assert (p.expert_bias_update_rate, p.seq_aux_loss_coeff) == (1e-3, 1e-4)
@@ -140,11 +142,15 @@ def test_h800_recipe_uses_the_papers_parallelism_and_hyper_parameters():
 
 
 def test_h800_layout_puts_embedding_on_the_first_stage_and_mtp_with_the_loss_on_the_last():
+    """Under DualPipe the first and the last stage share rank 0 (and their mirrors rank 15), as in the paper."""
     r = load_recipe("deepseek-v3-671b-h800-2048")
-    chunks = [row[0] for row in placement(r.preset, parallel_layout(r))]
+    where = placement_for(r.preset, parallel_layout(r))
+    chunks = where.stages
     assert chunks[0].embedding and chunks[0].decoders == (0, 1, 2)
     assert chunks[-1].mtp == 1 and chunks[-1].loss and chunks[-1].decoders == (59, 60)
     assert [i for c in chunks for i in c.decoders] == list(range(61))
+    assert where.loss_ranks == where.embedding_ranks() == (0, 15)
+    assert {c.stage for c in where.rows[0]} == {c.stage for c in where.rows[15]} == {0, 15}
 
 
 def test_h100_layout_gives_four_virtual_stages_per_rank():
@@ -160,7 +166,8 @@ def test_check_report_shows_stages_experts_batch_sizes_and_a_memory_verdict():
     text = check_recipe(r).render()
     assert "256 routed experts / EP 64 = 4 per EP rank" in text and "spans 8 nodes" in text
     assert "expert-DP = world / (PP x EP x ETP) = 2" in text and "DP x CP = 128" in text
-    assert "micro-batch 1 x DP 128 x 120 micro-batches per step" in text and "24 -> 120" in text
+    assert "micro-batch 1 x DP 128 x 120 micro-batches per step" in text and "32 -> 120" in text
+    assert "DualPipe: rank r holds stage r and a mirrored copy of stage pp-1-r" in text
     assert "embedding, decoders 0-2 (dense)" in text and "decoders 59-60, mtp, output head + loss" in text
     assert re.search(r"total\s+\d+\.\d+\s+of 80 GiB: fits", text) and text.endswith("result     OK")
 
@@ -210,9 +217,12 @@ def test_shipped_recipe_args_parse_with_megatrons_parser_into_the_intended_layou
     assert (args.expert_model_parallel_size, args.expert_tensor_parallel_size) == (par.ep, par.etp)
     assert args.context_parallel_size == par.cp
     assert args.data_parallel_size == parallel_layout(recipe).dp
-    assert args.virtual_pipeline_model_parallel_size == (par.vpp if par.vpp and par.vpp > 1 else None)
+    chunks = placement_for(p, parallel_layout(recipe)).vpp  # DualPipe(V): two per rank
+    assert args.virtual_pipeline_model_parallel_size == (chunks if chunks > 1 else None)
     assert args.sequence_parallel == par.sp
-    assert args.pipeline_model_parallel_layout == par.layout
+    # DualPipe(V) keep the layout for their own placement (Megatron would read its stages as one per rank).
+    deepseek = par.schedule in ("dualpipe", "dualpipev")
+    assert (args.dsv3_pipeline_layout if deepseek else args.pipeline_model_parallel_layout) == par.layout
     assert (args.num_layers, args.num_experts, args.seq_length) == (p.num_layers, p.num_routed_experts, p.seq_length)
     assert (args.mtp_num_layers or 0) == p.mtp_num_layers
     assert args.micro_batch_size == t.micro_batch_size
@@ -331,7 +341,16 @@ def test_pp_not_dividing_the_layers_is_an_error_at_the_pp_line(tmp_path):
     assert "INVALID" in report.render()
 
 
-@pytest.mark.parametrize("section", ["schedule", "fp8"])
+def test_a_top_level_schedule_section_points_to_parallel_schedule(tmp_path):
+    path = write(tmp_path, TINY + "schedule:\n  name: dualpipev\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    text = str(err.value)
+    assert f"{path}:{line_of(path, 'schedule:')}:" in text
+    assert "parallel.schedule" in text and "schedule: dualpipev" in text
+
+
+@pytest.mark.parametrize("section", ["fp8"])
 def test_roadmap_sections_are_reserved_with_a_planned_feature_error(tmp_path, section):
     path = write(tmp_path, TINY + f"{section}:\n  name: dualpipev\n")
     with pytest.raises(ConfigError) as err:
@@ -465,12 +484,15 @@ def test_activation_estimate_matches_the_tensors_a_built_model_keeps():
 
 def test_parameters_held_by_all_stages_add_up_to_the_model():
     """Over the 16 stages of the H800 recipe (TP 1), dense + EP x expert parameters = the model
-    (accounting.count) + MTP + the embedding copy Megatron builds on the MTP stage."""
+    (accounting.count) + MTP + the embedding copy Megatron builds on the MTP stage, twice under
+    DualPipe (each stage and its mirror)."""
     r = load_recipe("deepseek-v3-671b-h800-2048")
     m = estimate_memory(r)
     c, p = count(r.preset), r.preset
     held = sum(rank.dense_params + rank.expert_params * 64 for rank in m.ranks)
-    assert held == pytest.approx(c.total_params + c.mtp_params + p.vocab_size * p.hidden_size, rel=1e-9)
+    copies = placement_for(p, parallel_layout(r)).param_copies
+    assert copies == 2
+    assert held == pytest.approx(copies * (c.total_params + c.mtp_params + p.vocab_size * p.hidden_size), rel=1e-9)
     assert len(m.ranks) == 16 and m.pp_rank == max(m.ranks, key=lambda x: x.total).pp_rank
 
 

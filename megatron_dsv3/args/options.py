@@ -44,9 +44,10 @@ def add_dsv3_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument(
         "--dualpipe-zero-bubble",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="DualPipe(V): split the backwards the schedule marks into input- and weight-gradient parts"
-        " (zero bubble, the default); --no-dualpipe-zero-bubble runs every backward whole.",
+        " (zero bubble; the default with the local backend); --no-dualpipe-zero-bubble runs every"
+        " backward whole.",
     )
     group.add_argument(
         "--dualpipe-fb-overlap",

@@ -88,6 +88,8 @@ def apply_plugin_options(args: argparse.Namespace) -> argparse.Namespace:
     _check_schedule(args)
     for dest, value in settings.items():
         setattr(args, dest, value)
+    if getattr(args, "pipeline_schedule", None) in DEEPSEEK_SCHEDULES:
+        schedule_options(args)  # with the backend now resolved
     setattr(args, _APPLIED, True)
     return args
 
@@ -110,6 +112,13 @@ def _check_conflicts(args, settings: dict, requested: str) -> None:
 
 def _check_schedule(args) -> None:
     schedule = getattr(args, "pipeline_schedule", None)
+    if schedule not in DEEPSEEK_SCHEDULES:
+        for dest in ("dualpipe_zero_bubble", "dualpipe_fb_overlap"):
+            if getattr(args, dest, None) is not None:
+                flag = "--" + dest.replace("_", "-")
+                raise ConfigError(f"{flag} is an option of --pipeline-schedule dualpipe and dualpipev"
+                                  f" (the schedule here is {schedule or 'Megatron`s own'})",
+                                  fix=f"remove {flag}, or add --pipeline-schedule dualpipev", key=flag)
     if schedule is None:
         return
     virtual = args.num_virtual_stages_per_pipeline_rank or args.num_layers_per_virtual_pipeline_stage
@@ -130,6 +139,10 @@ def _check_schedule(args) -> None:
             raise ConfigError(f"--pipeline-schedule {schedule} needs --pipeline-model-parallel-size >= 2"
                               f" (got {args.pipeline_model_parallel_size})",
                               fix="raise the pipeline size, or drop --pipeline-schedule", key="--pipeline-schedule")
+        if schedule == "dualpipe" and getattr(args, "log_params_norm", False):
+            raise ConfigError("--log-params-norm with --pipeline-schedule dualpipe: Megatron's parameter norm"
+                              " refuses the mirrored expert copies (marked shared, counted once)",
+                              fix="drop --log-params-norm, or use dualpipev", key="--log-params-norm")
         # The stage layout is checked here, before any model is built.
         place(args.num_layers, args.mtp_num_layers or 0, args.pipeline_model_parallel_size,
               layout=args.pipeline_model_parallel_layout, schedule=schedule)
@@ -145,11 +158,16 @@ def _megatron_defaults() -> dict:
 
 
 def schedule_options(args: argparse.Namespace) -> ScheduleOptions:
-    """``--dualpipe-zero-bubble`` / ``--dualpipe-fb-overlap`` (overlap: on with expert parallelism)."""
-    overlap = getattr(args, "dualpipe_fb_overlap", None)
-    if overlap is None:
-        overlap = args.expert_model_parallel_size > 1
-    return ScheduleOptions(zero_bubble=getattr(args, "dualpipe_zero_bubble", True), fb_overlap=bool(overlap))
+    """``--dualpipe-zero-bubble`` / ``--dualpipe-fb-overlap``, checked and defaulted by the one set of
+    rules (:mod:`megatron_dsv3.pipeline.constraints`)."""
+    from megatron_dsv3.pipeline.constraints import resolve_options
+
+    return resolve_options(
+        args.pipeline_schedule, ep=args.expert_model_parallel_size, backend=args.transformer_impl,
+        zero_bubble=getattr(args, "dualpipe_zero_bubble", None), fb_overlap=getattr(args, "dualpipe_fb_overlap", None),
+        recompute_granularity=args.recompute_granularity, recompute_modules=args.recompute_modules,
+        mtp_num_layers=args.mtp_num_layers or 0,
+    )
 
 
 def attach_placement(config, args: argparse.Namespace):

@@ -16,7 +16,9 @@ Conventions (checked against a built Megatron model in the tests, and against th
   token at the preset's sequence length: 6 x the weights a token is multiplied with, plus causal
   attention (each token attends to (S+1)/2 positions on average).  DeepSeek-V3: 250 GFLOPs
   ("Insights into DeepSeek-V3", arXiv 2505.09343, table 2, gives 250 GFLOPs per token).
-  ``mtp_flops_per_token`` is what the MTP modules add during training.
+  ``mtp_flops_per_token`` is what the MTP modules add during training, and
+  ``attention_flops_per_token`` the part of ``flops_per_token`` spent on attention scores and values
+  (no weights: it has no weight-gradient part).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class ModelCounts:
     embedding_params: int
     params_per_dense_layer: int
     params_per_moe_layer: int
+    attention_flops_per_token: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,7 +109,8 @@ def count(p: ModelPreset) -> ModelCounts:
     fwd_weights = p.first_k_dense * matmul_dense + p.num_moe_layers * matmul_moe + head_matmul
     context = (p.seq_length + 1) / 2
     attn_per_layer = 2 * p.num_attention_heads * (p.qk_head_dim + p.v_head_dim) * context
-    flops = 3 * (2 * fwd_weights + p.num_layers * attn_per_layer)
+    attention_flops = 3 * p.num_layers * attn_per_layer
+    flops = 3 * 2 * fwd_weights + attention_flops
     mtp_block_matmul = matmul_moe if last_is_moe else matmul_dense
     mtp_flops = 3 * p.mtp_num_layers * (
         2 * (2 * h * h + mtp_block_matmul + head_matmul) + attn_per_layer
@@ -123,4 +127,5 @@ def count(p: ModelPreset) -> ModelCounts:
         embedding_params=int(embedding),
         params_per_dense_layer=int(dense_layer),
         params_per_moe_layer=int(moe_layer),
+        attention_flops_per_token=int(round(attention_flops)),
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 # Pipeline schedules by their paper / Megatron names.  1f1b and interleaved are Megatron-Core's own;
 # dualpipe and dualpipev are DeepSeek's (arXiv 2412.19437v2, section 3.2.1).
 SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
+SCHEDULE_NAMES = {"1f1b": "1F1B", "interleaved": "interleaved 1F1B", "dualpipe": "DualPipe", "dualpipev": "DualPipeV"}
 
 
 @dataclass(frozen=True)

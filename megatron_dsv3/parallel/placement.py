@@ -416,6 +416,13 @@ def _placement_layout_class():
         def __reduce__(self):  # picklable: Megatron saves its arguments in every checkpoint
             return (megatron_layout, (self.placement, self.options))
 
+        def __eq__(self, other):  # configs built from the same arguments compare equal
+            return isinstance(other, PlacementLayout) and (self.placement, self.options) == (other.placement,
+                                                                                              other.options)
+
+        def __hash__(self):
+            return hash((self.placement, self.options))
+
         def validate_layer_layout(self, num_layers, mtp_num_layers):
             if num_layers != self.placement.num_layers or (mtp_num_layers or 0) != self.placement.mtp_num_layers:
                 raise ValueError(f"the {self.placement.schedule} placement has {self.placement.num_layers}"

@@ -88,10 +88,10 @@ def check_microbatches(schedule: str, pp: int, num_microbatches: int) -> None:
         raise ConfigError(f"{schedule} needs at least 2 pipeline ranks, got pp={pp}", fix="raise pp",
                           key="parallel.pp")
     if num_microbatches < 2 * pp or (schedule == "dualpipe" and num_microbatches % 2):
-        even = " even" if schedule == "dualpipe" else ""
+        even = schedule == "dualpipe"
         raise ConfigError(
-            f"{schedule} on pp={pp} needs an{even} number of at least 2 x pp = {2 * pp} micro-batches per"
-            f" step, got {num_microbatches}",
+            f"{schedule} on pp={pp} needs {'an even' if even else 'a'} number of at least 2 x pp = {2 * pp}"
+            f" micro-batches per step, got {num_microbatches}",
             fix=f"raise the global batch to at least {2 * pp} micro-batches per data-parallel rank"
             + (" in an even number" if even else ""),
             key="training.global_batch_size",

@@ -4,11 +4,17 @@ Megatron's schedules follow ``get_pp_rank_microbatches`` and ``get_schedule_tabl
 ``megatron/core/pipeline_parallel/schedules.py``: under 1F1B rank ``r`` runs ``pp - r - 1`` warmup
 forwards and one more before its first backward; under the interleaved schedule it runs
 ``2 (pp - r - 1) + (vpp - 1) * pp`` warmup forwards (micro-batches taken ``pp`` at a time per chunk).
+
+DeepSeek's schedules are replayed from the engine's per-rank order: a forward's activations live from
+its ``F`` until its backward is done (its ``B``; with the zero-bubble split, its ``W``, counted whole),
+and the two micro-batches of an overlapped pair are both alive while it runs.  DualPipe's table in
+FACTS.md ("activations per rank: PP+1") counts the same thing in stage-sized units.
 """
 
 from __future__ import annotations
 
-from megatron_dsv3.parallel.placement import Placement
+from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, Placement
+from megatron_dsv3.pipeline.engine import rank_ops
 
 
 def forward_order(num_microbatches: int, vpp: int, group: int) -> list[int]:
@@ -32,8 +38,28 @@ def megatron_in_flight(pp: int, rank: int, vpp: int, num_microbatches: int) -> l
     return forward_order(num_microbatches, vpp, pp)[:count]
 
 
-def in_flight(placement: Placement, rank: int, num_microbatches: int) -> list[int]:
+def deepseek_in_flight(schedule: str, pp: int, rank: int, num_microbatches: int,
+                       zero_bubble: bool = True) -> list[int]:
+    """Engine chunks of the forwards alive on ``rank`` at its peak, replaying its program."""
+    live: dict[tuple[int, int], int] = {}
+    peak: list[int] = []
+    for op in rank_ops(schedule, pp, num_microbatches, rank):
+        if op.forward:
+            live[op.forward] = op.forward[0]
+        if len(live) > len(peak):
+            peak = list(live.values())
+        done = op.backward if op.kind == "FB" or (op.kind == "B" and not (op.zb and zero_bubble)) else None
+        if op.kind == "W" and zero_bubble:
+            done = (op.chunk, op.mb)
+        if done:
+            live.pop(done)
+    return peak
+
+
+def in_flight(placement: Placement, rank: int, num_microbatches: int, zero_bubble: bool = True) -> list[int]:
     """Chunks (``vp_stage``) of the forwards whose activations rank ``rank`` holds at its peak."""
-    if placement.schedule in ("1f1b", "interleaved"):
+    if placement.schedule not in DEEPSEEK_SCHEDULES:
         return megatron_in_flight(placement.pp, rank, placement.vpp, num_microbatches)
-    raise NotImplementedError(f"in-flight micro-batches of the {placement.schedule} schedule")
+    row = placement.rows[rank]
+    vp = {(c.direction if placement.schedule == "dualpipe" else c.vp_stage): c.vp_stage for c in row}
+    return [vp[c] for c in deepseek_in_flight(placement.schedule, placement.pp, rank, num_microbatches, zero_bubble)]

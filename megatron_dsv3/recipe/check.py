@@ -12,7 +12,9 @@ from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.backends import planned_backend
 from megatron_dsv3.model.validation import validate
 from megatron_dsv3.parallel.layout import ParallelLayout
-from megatron_dsv3.parallel.placement import place
+from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, place
+from megatron_dsv3.pipeline.constraints import resolve_options
+from megatron_dsv3.pipeline.engine import check_microbatches
 from megatron_dsv3.recipe.sizes import fail as _fail
 from megatron_dsv3.recipe.sizes import global_batch, parallel_layout
 
@@ -27,6 +29,7 @@ def validate_recipe(recipe, world_size: int | None = None) -> ParallelLayout:
         raise recipe.locate(err) from None
     placement = _check_pipeline(recipe, preset, layout)
     _check_batch(recipe, layout, placement)
+    _check_schedule_options(recipe, layout, placement)
     _check_lr_schedule(recipe)
     _check_device(recipe)
     _check_recompute(recipe)
@@ -55,23 +58,6 @@ def _check_pipeline(recipe, preset, layout: ParallelLayout):
     return placement
 
 
-def _microbatch_rule(placement) -> tuple[int, int]:
-    """``(multiple, minimum)`` the micro-batches per step must meet under the placement's schedule.
-
-    Interleaved (schedules.py): micro-batches go through each virtual stage pp at a time, and a
-    remainder group smaller than pp raises at the first step.  DualPipe: both directions take half
-    the micro-batches, and each needs at least pp of them; DualPipeV needs at least 2 pp (DeepSeek's
-    reference, FACTS.md).
-    """
-    if placement.schedule == "interleaved":
-        return placement.pp, 1
-    if placement.schedule == "dualpipe":
-        return 2, 2 * placement.pp
-    if placement.schedule == "dualpipev":
-        return 1, 2 * placement.pp
-    return 1, 1
-
-
 def _check_batch(recipe, layout: ParallelLayout, placement) -> None:
     t = recipe.training
     unit = t.micro_batch_size * layout.dp
@@ -81,25 +67,33 @@ def _check_batch(recipe, layout: ParallelLayout, placement) -> None:
                     f"training.global_batch_size={gbs} is not divisible by micro_batch_size x dp ="
                     f" {t.micro_batch_size} x {layout.dp} = {unit}",
                     f"use a multiple of {unit} (dp = world_size / (tp x pp x cp) = {layout.dp})")
-    multiple, minimum = _microbatch_rule(placement)
-    count = gbs // unit
-    if placement.schedule == "interleaved" and count % multiple:
-        raise _fail(recipe, "training.global_batch_size",
+    sizes = [gbs] if t.rampup_batch_size is None else range(_check_ramp(recipe, unit), gbs + 1,
+                                                             t.rampup_batch_size[1])
+    for size in sizes:
+        _check_microbatches(recipe, placement, size // unit, unit)
+
+
+def _check_microbatches(recipe, placement, count: int, unit: int) -> None:
+    """The schedule's rule for the micro-batches of a step (every batch size of a ramp)."""
+    path = "training.rampup_batch_size" if recipe.training.rampup_batch_size else "training.global_batch_size"
+    if placement.schedule == "interleaved" and count % placement.pp:
+        # schedules.py: micro-batches go through each virtual stage pp at a time; a remainder group
+        # smaller than pp raises at the first step.
+        raise _fail(recipe, path,
                     f"the interleaved schedule (vpp={placement.vpp}) needs the micro-batches per step to be a"
-                    f" multiple of pp={layout.pp}, but training.global_batch_size={gbs} gives {count}",
-                    f"use a multiple of pp x micro_batch_size x dp = {layout.pp * unit}")
-    if count % multiple or count < minimum:
-        raise _fail(recipe, "training.global_batch_size",
-                    f"the {placement.schedule} schedule on pp={layout.pp} needs at least {minimum}"
-                    f"{' and an even number of' if multiple == 2 else ''} micro-batches per step, but"
-                    f" training.global_batch_size={gbs} gives {count}",
-                    f"use a global batch of at least {minimum * unit}"
-                    f"{f' in multiples of {2 * unit}' if multiple == 2 else ''} (micro_batch_size x dp = {unit})")
-    if t.rampup_batch_size is not None:
-        _check_ramp(recipe, unit, multiple, minimum, placement.schedule)
+                    f" multiple of pp={placement.pp}, but a batch of {count * unit} gives {count}",
+                    f"use multiples of pp x micro_batch_size x dp = {placement.pp * unit}")
+    if placement.schedule in ("dualpipe", "dualpipev"):
+        try:
+            check_microbatches(placement.schedule, placement.pp, count)
+        except ConfigError as err:
+            raise _fail(recipe, path, f"{err.problem} (a batch of {count * unit} sequences)",
+                        f"{err.fix}; one micro-batch per data-parallel rank is micro_batch_size x dp = {unit}"
+                        " sequences") from None
 
 
-def _check_ramp(recipe, unit: int, group: int, minimum: int, schedule: str) -> None:
+def _check_ramp(recipe, unit: int) -> int:
+    """The ramp's own consistency; its first batch size (the schedule's rule is checked by the caller)."""
     t = recipe.training
     path = "training.rampup_batch_size"
     if len(t.rampup_batch_size) != 3 or min(t.rampup_batch_size) < 1:
@@ -110,17 +104,26 @@ def _check_ramp(recipe, unit: int, group: int, minimum: int, schedule: str) -> N
         raise _fail(recipe, path, f"{path}={t.rampup_batch_size} does not step from {start} to"
                     f" training.global_batch_size={t.global_batch_size} in increments of {incr}",
                     "set global_batch_size = start + k x increment")
-    if start % (unit * group) or incr % (unit * group):
+    if start % unit or incr % unit:
         raise _fail(recipe, path, f"{path}={t.rampup_batch_size}: every batch size of the ramp must be"
-                    f" divisible by micro_batch_size x dp{f' x {group} ({schedule})' if group > 1 else ''}"
-                    f" = {unit * group}", f"use multiples of {unit * group}")
-    if start < minimum * unit:
-        raise _fail(recipe, path, f"{path}={t.rampup_batch_size}: the {schedule} schedule needs at least"
-                    f" {minimum} micro-batches per step, which the ramp's first batch {start} does not give",
-                    f"start the ramp at {minimum * unit} sequences or more")
+                    f" divisible by micro_batch_size x dp = {unit}", f"use multiples of {unit}")
     if samples < (t.global_batch_size - start) // incr:
         raise _fail(recipe, path, f"{path}: {samples} ramp-up samples are fewer than the ramp's steps",
                     "give the ramp-up length in sequences (samples)")
+    return start
+
+
+def _check_schedule_options(recipe, layout: ParallelLayout, placement) -> None:
+    if placement.schedule not in DEEPSEEK_SCHEDULES:
+        return
+    rc = recipe.training.recompute
+    backend = "local" if recipe.is_cpu or recipe.backend == "auto" else recipe.backend
+    try:
+        resolve_options(placement.schedule, ep=layout.ep, backend=backend, zero_bubble=layout.zero_bubble,
+                        fb_overlap=layout.fb_overlap, recompute_granularity=rc.granularity,
+                        recompute_modules=rc.modules, mtp_num_layers=recipe.preset.mtp_num_layers)
+    except ConfigError as err:
+        raise recipe.locate(err) from None
 
 
 def _check_lr_schedule(recipe) -> None:

@@ -24,6 +24,7 @@ from yaml.constructor import SafeConstructor
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.presets import ModelPreset
 from megatron_dsv3.recipe.schema import (
+    MOVED_SECTIONS,
     RESERVED_SECTIONS,
     ModelSection,
     Recipe,
@@ -211,6 +212,10 @@ class _Builder:
                     f"the `{name}:` section is planned ({RESERVED_SECTIONS[name]}) but not available"
                     " in this version",
                     f"remove the `{name}:` section", key=name)
+            if name in MOVED_SECTIONS:
+                what, keys, example = MOVED_SECTIONS[name]
+                raise self.fail(key_node, f"{what} is not a top-level `{name}:` section: it is set by {keys}",
+                                f"move it under `parallel:`, for example `{example}`", key=name)
         recipe = self.build_section(Recipe, root, "")
         if recipe.model.preset is None:
             raise ConfigError("the `model:` section is missing", fix="add `model: {preset: NAME}`",

@@ -18,10 +18,14 @@ from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.presets import ModelPreset, get_preset
 from megatron_dsv3.parallel.layout import SCHEDULES
 
-# Sections reserved for the roadmap (ROADMAP.md items 1 and 2): present in a recipe, they are an error.
+# Sections reserved for the roadmap (ROADMAP.md item 2): present in a recipe, they are an error.
 RESERVED_SECTIONS = {
-    "schedule": "DualPipe / DualPipeV pipeline schedules (ROADMAP.md item 1)",
     "fp8": "FP8 block-wise training recipes (ROADMAP.md item 2)",
+}
+# Top-level sections a user may expect, and the keys that hold them instead.
+MOVED_SECTIONS = {
+    "schedule": ("the pipeline schedule", "parallel.schedule (with parallel.zero_bubble and parallel.fb_overlap)",
+                 "parallel:\n  schedule: dualpipev"),
 }
 
 # Megatron-Core's selective recompute modules (TransformerConfig.recompute_modules, 0.19).
@@ -69,7 +73,7 @@ class ParallelSection:
     schedule: str | None = key(None, "pipeline schedule (--pipeline-schedule); null = 1f1b, or interleaved"
                                " with vpp", choices=SCHEDULES)
     zero_bubble: bool | None = key(None, "dualpipe/dualpipev: split backwards into input- and weight-gradient"
-                                   " parts (--dualpipe-zero-bubble); null = on")
+                                   " parts (--dualpipe-zero-bubble); null = on with the local backend")
     fb_overlap: bool | None = key(None, "dualpipe/dualpipev: overlap paired forwards and backwards"
                                   " (--dualpipe-fb-overlap); null = on with ep > 1")
 

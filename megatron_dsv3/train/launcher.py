@@ -79,6 +79,22 @@ def plan(recipe_name: str | None, overrides: list[str], nproc: int | None, extra
     )
 
 
+def _parallelism(p: TrainPlan) -> str:
+    """`` (PP 2, DualPipeV, EP 2)``: the sizes above 1 and the pipeline schedule, if any."""
+    from megatron_dsv3.parallel.layout import SCHEDULE_NAMES
+    from megatron_dsv3.parallel.placement import default_schedule
+    from megatron_dsv3.recipe.sizes import parallel_layout
+
+    lay = parallel_layout(p.recipe, p.nproc)
+    parts = [f"{name} {size}" for name, size in (("TP", lay.tp), ("PP", lay.pp), ("EP", lay.ep), ("CP", lay.cp))
+             if size > 1]
+    if lay.pp > 1:
+        schedule = lay.schedule or default_schedule(lay.pp, lay.vpp, lay.layout)
+        parts.insert(parts.index(f"PP {lay.pp}") + 1,
+                     SCHEDULE_NAMES[schedule])
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _last_value(argv: list[str], flag: str) -> int | None:
     """The value of ``flag`` as Megatron will read it (the last occurrence wins)."""
     values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
@@ -115,7 +131,7 @@ def _run_locked(p: TrainPlan, verbose: bool) -> int:
     command = _command(p)
     what = f"resuming from step {p.resume_from}" if p.resume_from is not None else "from scratch"
     print(f"[megatron-dsv3] training {p.recipe.name} ({p.recipe.preset.name}) on "
-          f"{'CPU' if p.recipe.is_cpu else 'GPU'} with {p.nproc} process(es), {what}; "
+          f"{'CPU' if p.recipe.is_cpu else 'GPU'} with {p.nproc} process(es){_parallelism(p)}, {what}; "
           f"full log: {log_path}", flush=True)
     started = time.time()
     with open(log_path, "a") as log:
@@ -124,6 +140,8 @@ def _run_locked(p: TrainPlan, verbose: bool) -> int:
                                 env=env, bufsize=1, preexec_fn=die_with_parent())
         for line in proc.stdout:
             log.write(line)
+            if not verbose and "[megatron-dsv3]" in line:
+                line = line[line.index("[megatron-dsv3]"):]  # after Megatron text left without a newline
             if verbose or line.startswith("[megatron-dsv3]") or any(s in line for s in _ALWAYS_SHOWN):
                 sys.stdout.write(line)
                 sys.stdout.flush()

@@ -1,0 +1,45 @@
+"""``megatron-dsv3 train`` under DualPipeV: Megatron's own loop on two processes, its checkpoints, and
+a checkpoint that moves between DualPipeV and 1F1B (the chunks keep the single-process keys).
+
+Each run is a real subprocess of the command users type.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from test_train_job import _losses, _train
+
+V = ("parallel.pp=2", "parallel.schedule=dualpipev", "training.train_iters=8", "checkpoint.save_interval=4")
+
+
+@pytest.fixture(scope="module")
+def stopped_at_4(tmp_path_factory):
+    """DualPipeV for 4 of 8 steps (Megatron's --exit-interval: the same LR schedule), checkpoint at 4."""
+    run_dir = tmp_path_factory.mktemp("dualpipev")
+    result = _train(run_dir, *V, nproc=2, extra=("--exit-interval", "4"))
+    return run_dir, result
+
+
+def test_dualpipev_trains_through_megatrons_loop_and_checkpoints(stopped_at_4):
+    run_dir, result = stopped_at_4
+    assert "with 2 process(es) (PP 2, DualPipeV)" in result.stdout
+    losses = _losses(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
+    assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+
+def test_a_dualpipev_checkpoint_resumes_under_dualpipev_and_under_1f1b_alike(stopped_at_4, tmp_path):
+    run_dir, _ = stopped_at_4
+    as_1f1b = tmp_path / "1f1b"
+    shutil.copytree(run_dir, as_1f1b)
+    (as_1f1b / "metrics.jsonl").unlink()
+    resumed_v = _train(run_dir, *V, nproc=2)
+    resumed_1f1b = _train(as_1f1b, *V, "parallel.schedule=1f1b", nproc=2)
+    assert "resuming from step 4" in resumed_v.stdout and "(PP 2, 1F1B)" in resumed_1f1b.stdout
+    v, plain = _losses(run_dir), _losses(as_1f1b)
+    assert sorted(plain) == [5, 6, 7, 8]
+    for step in (5, 6, 7, 8):
+        assert plain[step] == pytest.approx(v[step], rel=1e-6), step
