@@ -6,6 +6,7 @@ Each run is a real subprocess of the command users type.
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -29,6 +30,9 @@ def test_dualpipev_trains_through_megatrons_loop_and_checkpoints(stopped_at_4):
     losses = _losses(run_dir)
     assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    # MTP runs on rank 0 under DualPipeV; Megatron's log line (last rank) still reports its loss.
+    log = (run_dir / "train.log").read_text()
+    assert re.search(r"iteration +4/ +8 .*mtp_1 loss: \d\.\d+E\+00", log), log[-2000:]
 
 
 def test_a_dualpipev_checkpoint_resumes_under_dualpipev_and_under_1f1b_alike(stopped_at_4, tmp_path):

@@ -104,6 +104,16 @@ def test_a_process_that_never_imports_megatron_does_not_import_the_plugin():
     assert out.stdout.strip() == "[]"  # the .pth line only registers a watcher on sys.meta_path
 
 
+@pytest.mark.parametrize("first", ["megatron_dsv3.model.build", "megatron_dsv3.testing.parallel",
+                                   "megatron_dsv3.pipeline.runner", "megatron.training"])
+def test_the_hook_activates_whichever_module_imports_megatron_training_first(first):
+    """The hook fires while megatron.training is first imported, which may be from inside one of
+    our own modules (a spawned worker's first import): activating must not need that module."""
+    out = _python(f"import {first}, megatron.training, megatron_dsv3.launch as l; print('ACTIVATED', l.activated_by())")
+    assert "could not activate" not in out.stderr, out.stderr[-2000:]
+    assert "ACTIVATED start-up hook" in out.stdout
+
+
 def test_a_broken_plugin_only_warns_and_megatron_still_imports():
     # Make the plugin's activation fail: its launch module cannot be imported.
     code = textwrap.dedent(

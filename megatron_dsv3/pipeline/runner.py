@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +67,16 @@ def _neighbours(placement: Placement, chunk: Chunk) -> tuple[int | None, int | N
     by_stage = {c.stage: c for c in placement.chunks() if c.mirror == chunk.mirror}
     before, after = by_stage.get(chunk.stage - 1), by_stage.get(chunk.stage + 1)
     return (before.pp_rank if before else None), (after.pp_rank if after else None)
+
+
+# Set to a list to record each compute operation as ``(op, kind, start, end)`` in seconds
+# (``benchmarks/pipeline.py``: measured operation times for the simulator); None records nothing.
+TRACE: list | None = None
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _device():
@@ -307,7 +318,16 @@ class _Step:
         for action in self.program:
             if action.kind == "op":
                 self.commit()
+                if TRACE is None:
+                    self.run_op(action.op)
+                    continue
+                _sync()
+                start = time.perf_counter()
                 self.run_op(action.op)
+                _sync()
+                op = action.op
+                TRACE.append((str(op), "Bz" if op.kind == "B" and op.zb and self.split else op.kind, start,
+                              time.perf_counter()))
             else:
                 getattr(self, action.kind)(action.chunk)
         self.commit()
@@ -324,7 +344,25 @@ class _Step:
                                                       force_all_reduce=self.force_all_reduce)
             copies.sum_local_embedding_copies(self)
             copies.sum_mirrored_gradients(self)
+            self._pool_mtp_metrics()
         return self._reports_for_megatron()
+
+    def _pool_mtp_metrics(self) -> None:
+        """Megatron logs the MTP loss from its tracker on the last pipeline rank, where 1F1B puts
+        MTP; DualPipeV computes it on rank 0 (DualPipe on both end ranks, half the micro-batches
+        each).  Every pipeline rank gets the tracker's tensors and Megatron's own reduction sums
+        them over the pipeline group (then averages over data parallelism, as it always does)."""
+        if not self.config.mtp_num_layers:
+            return
+        from megatron.core import parallel_state
+        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+        tracker = MTPLossLoggingHelper.tracker
+        for key in ("loss_values", "correct_values", "total_values"):
+            if key not in tracker:
+                tracker[key] = torch.zeros(self.config.mtp_num_layers, device=_device())
+        tracker["reduce_group"] = self.group
+        tracker["avg_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
 
     def _total_tokens(self):
         total = self.num_tokens.to(_device())

@@ -187,11 +187,14 @@ def dsv3_models_are_built_for_their_placement():
     same builder builds the tests' models.  Other specs keep Megatron's builder.
     """
     from megatron_dsv3.launch.specs import is_dsv3_spec_object
-    from megatron_dsv3.model.build import use_dsv3_builder
 
     gpt_config_from_args = original("megatron.training.argument_utils.gpt_config_from_args")
 
     def gpt_config_from_args_with_dsv3_builder(args, *a, **kw):
+        # Imported here, not at activation: the start-up hook activates while megatron.training is
+        # first imported, which may be from inside megatron_dsv3.model.build itself.
+        from megatron_dsv3.model.build import use_dsv3_builder
+
         model_config = gpt_config_from_args(args, *a, **kw)
         if is_dsv3_spec_object(model_config.transformer_layer_spec):
             use_dsv3_builder(model_config)

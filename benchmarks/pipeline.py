@@ -1,0 +1,144 @@
+"""Pipeline schedules: DualPipe and DualPipeV against 1F1B, simulated at 671B scale and measured on CPU.
+
+1. **671B on 2,048 H800, simulated** (``deepseek-v3-671b-h800-2048``: PP 16, EP 64, 120
+   micro-batches): the engine's programs and Megatron's orders timed by the simulator with the cost
+   model of :mod:`megatron_dsv3.pipeline.costs` (compute at 40% of the H800's peak, all-to-all over
+   50 GB/s InfiniBand; a model, not a measurement).  Target: DualPipe >= 1.10x 1F1B's throughput.
+2. **dsv3-tiny (8 layers) on 2 CPU processes, measured**: one training step's wall time under
+   Megatron's 1F1B and under the DualPipe runner, next to the simulator's prediction from the
+   operation times measured in the same runs (``runner.TRACE``).  Two processes on two cores cannot
+   overlap communication with compute, so this checks the programs and the simulator, not the
+   overlap gain.
+
+    python benchmarks/pipeline.py [--steps 6] [--warmup 2] [--skip-measured] [--verbose]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+if "--verbose" not in sys.argv:  # also in the spawned workers, which import this file first
+    from megatron_dsv3.testing.quiet import quiet_megatron
+
+    quiet_megatron()
+
+RECIPE = "deepseek-v3-671b-h800-2048"
+
+
+def simulated_671b() -> None:
+    from megatron_dsv3.pipeline import compare
+    from megatron_dsv3.pipeline.costs import recipe_costs
+    from megatron_dsv3.pipeline.engine import DEEPSEEK
+    from megatron_dsv3.recipe import load_recipe
+
+    model, context = recipe_costs(load_recipe(RECIPE))
+    pp, m = context["pp"], context["microbatches"]
+    print(f"## 1. {RECIPE}, simulated: PP {pp}, EP {context['ep']}, {m} micro-batches per step")
+    print(f"per micro-batch and rank share: forward {model.forward_compute:.1f} ms compute + {model.forward_a2a:.1f} ms"
+          f" all-to-all, backward {model.backward_compute:.1f} + {model.backward_a2a:.1f} ms (weight part"
+          f" {model.weight_compute:.1f}); {context['machine']['tflops']:g} TFLOP/s,"
+          f" IB {context['machine']['ib_gbs']:g} GB/s")
+    for overlap in (True, False):
+        results = compare.compare(["1f1b", "zb1p", "dualpipe", "dualpipev"], pp, m,
+                                  lambda s: model.costs(overlap and s in DEEPSEEK))  # noqa: B023
+        print(f"\nDualPipe(V) {'with' if overlap else 'without'} the forward/backward overlap:")
+        print(compare.render_table(results, " ms"))
+        if overlap:
+            step = {r.schedule: r.timeline.step_time for r in results}
+            gain = step["1f1b"] / step["dualpipe"]
+            print(f"DualPipe vs 1F1B: {gain:.3f}x (target >= 1.10x: {'met' if gain >= 1.10 else 'NOT met'})")
+
+
+# ---- measured on CPU ----
+def _worker(layout, steps: int, warmup: int, batch: int, verbose: bool) -> dict:
+    import torch
+
+    from megatron_dsv3.model.presets import get_preset
+    from megatron_dsv3.pipeline import runner
+    from megatron_dsv3.testing import parallel
+    from megatron_dsv3.testing.quiet import silenced
+
+    preset = get_preset("dsv3-tiny").with_overrides(num_layers=8)
+    with silenced(verbose):
+        parallel.init_parallel(layout, preset=preset)
+        _, _, chunks = parallel.build_chunks(preset, layout)
+    tokens = parallel.fixed_tokens(preset, batch, seed=0)
+    times, ops = [], []
+    for step in range(warmup + steps):
+        runner.TRACE = [] if step >= warmup else None
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        parallel.train_step(chunks, chunks[0].config, tokens, 1)
+        torch.distributed.barrier()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+            ops += runner.TRACE
+    runner.TRACE = None
+    return {"step": statistics.median(times), "ops": [(kind, end - start) for _, kind, start, end in ops]}
+
+
+def _share_costs(ops: list[tuple[str, float]], fraction: float):
+    """The simulator's costs (per rank share) from measured chunk operations (``fraction`` of a share each)."""
+    from megatron_dsv3.pipeline.simulator import Costs
+
+    mean = {k: statistics.mean(d for kind, d in ops if kind == k) * 1e3 / fraction
+            for k in {kind for kind, _ in ops}}
+    w = mean.get("W", 0.0)
+    b = mean["Bz"] + w if "Bz" in mean else mean["B"]
+    return Costs(F=mean["F"], B=b, W=w if "Bz" in mean else 0.0, FB=mean.get("FB"))
+
+
+def measured_cpu(steps: int, warmup: int, verbose: bool) -> None:
+    from megatron_dsv3.parallel import ParallelLayout as L
+    from megatron_dsv3.pipeline.simulator import simulate
+    from megatron_dsv3.testing.distributed import run_distributed
+
+    batch = 8
+    runs = {
+        "1f1b": (L(pp=2), "1f1b", True),
+        "dualpipev": (L(pp=2, schedule="dualpipev"), "dualpipev", True),
+        "dualpipev, no zero bubble": (L(pp=2, schedule="dualpipev", zero_bubble=False), "dualpipev", False),
+        "dualpipe": (L(pp=2, schedule="dualpipe"), "dualpipe", True),
+    }
+    measured = {}
+    for name, (layout, _, _) in runs.items():
+        results = run_distributed(_worker, layout.world_size, layout, steps, warmup, batch, verbose)
+        measured[name] = {"step": max(r["step"] for r in results), "ops": [o for r in results for o in r["ops"]]}
+    # Costs per rank share: DualPipeV's chunks are half shares, DualPipe's whole ones.
+    reference = _share_costs(measured["dualpipev"]["ops"], 0.5)
+    print(f"\n## 2. dsv3-tiny (8 layers), 2 CPU processes, {batch} micro-batches of 1 x 128 tokens, measured")
+    print(f"operation times measured under DualPipeV, per rank share: F {reference.F:.1f} ms, B {reference.B:.1f} ms"
+          f" (W {reference.W:.1f} ms)")
+    head = f"{'schedule':<28}{'measured step ms':>18}{'simulated ms':>14}{'sim / measured':>16}"
+    print(head)
+    for name, (_, schedule, zero_bubble) in runs.items():
+        if schedule == "1f1b":
+            costs = reference
+        else:
+            costs = _share_costs(measured[name]["ops"], 0.5 if schedule == "dualpipev" else 1.0)
+        sim = simulate(schedule, 2, batch, costs, zero_bubble=zero_bubble).step_time
+        step = measured[name]["step"] * 1e3
+        print(f"{name:<28}{step:>18.1f}{sim:>14.1f}{sim / step:>16.2f}")
+    print("simulated: transfers free, stages even; the measured steps also hold gloo's point-to-point"
+          " transfers, the loss and the gradient all-reduce")
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--steps", type=int, default=6)
+    cli.add_argument("--warmup", type=int, default=2)
+    cli.add_argument("--skip-measured", action="store_true", help="only the simulated 671B table")
+    cli.add_argument("--verbose", action="store_true", help="show Megatron's logging")
+    opts = cli.parse_args()
+    simulated_671b()
+    if not opts.skip_measured:
+        measured_cpu(opts.steps, opts.warmup, opts.verbose)
+
+
+if __name__ == "__main__":
+    main()
