@@ -331,7 +331,7 @@ def test_pp_not_dividing_the_layers_is_an_error_at_the_pp_line(tmp_path):
     assert "INVALID" in report.render()
 
 
-@pytest.mark.parametrize("section", ["schedule", "fp8"])
+@pytest.mark.parametrize("section", ["schedule"])
 def test_roadmap_sections_are_reserved_with_a_planned_feature_error(tmp_path, section):
     path = write(tmp_path, TINY + f"{section}:\n  name: dualpipev\n")
     with pytest.raises(ConfigError) as err:
