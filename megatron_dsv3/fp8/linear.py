@@ -89,7 +89,9 @@ class _FP8Linear(torch.autograd.Function):
         dy = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = None
         if ctx.needs_input_grad[0]:
-            weight_q_t = ctx.weight_q_t or plan.quantize(weight, "weight", along="rows", name=name)
+            weight_q_t = ctx.weight_q_t
+            if weight_q_t is None:
+                weight_q_t = plan.quantize(weight, "weight", along="rows", name=name)
             shape = (*grad_output.shape[:-1], weight.shape[1])
             grad_input = _fprop_like(plan, dy.to(input.dtype), "grad", weight_q_t, segments, name).view(shape)
             if ctx.sequence_parallel:
