@@ -100,6 +100,14 @@ def test_tiny_blocks_neither_overflow_nor_produce_nan():
     assert torch.isfinite(q.scale_inv).all() and torch.isfinite(q.dequantize()).all()
 
 
+def test_an_expert_without_tokens_gets_empty_outputs_and_a_zero_weight_gradient():
+    x = torch.zeros(0, 256, requires_grad=True)
+    w = torch.randn(64, 256, requires_grad=True)
+    y = _FP8Linear.apply(x, w, None, EMULATED, "test", False, False, None)
+    y.sum().backward()
+    assert y.shape == (0, 64) and x.grad.shape == (0, 256) and torch.equal(w.grad, torch.zeros_like(w))
+
+
 def test_quantising_along_rows_tiles_each_column_over_128_tokens():
     """The weight-gradient operand x^T: a 1x128 tile of x^T is 128 consecutive tokens of one channel."""
     x = torch.randn(300, 64)
@@ -197,3 +205,26 @@ def test_token_segments_restart_the_weight_gradient_tiles():
     parts = weight_grad(EMULATED, dy[:170], x[:170]) + weight_grad(EMULATED, dy[170:], x[170:])
     torch.testing.assert_close(segmented, parts, rtol=1e-6, atol=1e-6)
     assert _rel_error(weight_grad(EMULATED, dy, x), parts.double()) > 1e-4
+
+
+# ---- the GPU backend's scale layouts, checked on the CPU ----
+def _size_stride(t, dim, size, stride):
+    return t.shape[dim] == size and (size == 1 or t.stride(dim) == stride)
+
+
+@pytest.mark.parametrize("m,k", [(256, 512), (100, 300), (64, 1536)])
+def test_scaled_mm_scales_have_the_layouts_pytorch_checks(m, k):
+    """The rules of aten/src/ATen/native/cuda/ScaledBlas.cpp (``is_blockwise_1x128_scaling`` and
+    ``is_blockwise_128x128_scaling``, applied to mat1 and to mat2's transpose), restated here."""
+    from megatron_dsv3.fp8.scaled_mm import _scale
+
+    chunks, blocks = -(-k // 128), -(-m // 128)
+    a1 = _scale(quantize(torch.randn(m, k), (1, 128)), m, "a")
+    assert _size_stride(a1, 0, m, 1) and _size_stride(a1, 1, chunks, m)  # outer-dim-major
+    b1 = _scale(quantize(torch.randn(m, k), (1, 128)), m, "b").t()
+    assert _size_stride(b1, 0, m, 1) and _size_stride(b1, 1, chunks, m)
+    for operand in ("a", "b"):
+        s = _scale(quantize(torch.randn(m, k), (128, 128)), m, operand)
+        s = s if operand == "a" else s.t()
+        row_stride = s.stride(0)
+        assert s.shape == (blocks, chunks) and s.stride(1) == 1 and row_stride in (chunks, -(-chunks // 4) * 4)

@@ -129,10 +129,6 @@ def _parse(extra, *, monkeypatch, gpu: bool):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     with gpu_machine(monkeypatch, enabled=gpu):
-        if gpu:
-            import torch
-
-            monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         argv = megatron_argv("dsv3-tiny", backend="transformer_engine" if gpu else "local", cpu=not gpu,
                              extra=list(extra))
         return parse_megatron_args(argv[2:])

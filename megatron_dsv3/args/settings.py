@@ -107,11 +107,12 @@ def fp8_plan(args: argparse.Namespace, backend: str):
         return None
     import torch
 
-    on_cpu = getattr(args, "dsv3_cpu", False) or not torch.cuda.is_available()
+    on_cpu = bool(getattr(args, "dsv3_cpu", False))  # Megatron runs on GPUs unless in CPU mode
     recipe = named_recipe(name).with_overrides(**{FP8_OVERRIDES[d]: v for d, v in given.items()})
     fp8_backend = resolve_backend(getattr(args, "dsv3_fp8_backend", "auto"), model_backend=backend, on_cpu=on_cpu)
+    capability = None if on_cpu or not torch.cuda.is_available() else torch.cuda.get_device_capability()
     found = refusals(recipe, fp8_backend, model_backend=backend, device="cpu" if on_cpu else "cuda",
-                     capability=None if on_cpu else torch.cuda.get_device_capability(),
+                     capability=capability,
                      tp=args.tensor_model_parallel_size, use_distributed_optimizer=args.use_distributed_optimizer,
                      num_layers=args.num_layers)
     if fp8_backend == "pytorch" and not found:

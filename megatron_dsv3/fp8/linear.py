@@ -74,7 +74,7 @@ class _FP8Linear(torch.autograd.Function):
         segments = current_segments()
         rows = total.reshape(-1, total.shape[-1])
         weight_q = plan.quantize(weight, "weight", name=name)
-        output = _fprop_like(plan, rows, "activation", weight_q, segments, name).view(*total.shape[:-1], -1)
+        output = _fprop_like(plan, rows, "activation", weight_q, segments, name).view(*total.shape[:-1], weight.shape[0])
         ctx.save_for_backward(input, weight)
         # 2-D weight blocks serve Dgrad transposed; 1-D tiles must be re-cut along N there.
         ctx.weight_q_t = weight_q.t() if plan.recipe.block("weight")[0] > 1 else None

@@ -120,7 +120,7 @@ def quantize(x: torch.Tensor, block: tuple[int, int], *, scale: str = "fp32", ma
     _check_finite(amax, role)
     scale_inv = scale_inv_from_amax(amax, scale=scale, margin=margin, amax_epsilon=amax_epsilon)
     codes = (blocks / scale_inv[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
-    codes = codes.view(blocks.shape[0] * blocks.shape[1], -1)
+    codes = codes.view(blocks.shape[0] * blocks.shape[1], blocks.shape[2] * blocks.shape[3])
     if codes.shape != x.shape:
         codes = codes[:rows, :cols].contiguous()
     return BlockQuantized(codes, scale_inv, tuple(block))

@@ -62,6 +62,11 @@ def _codes(q: BlockQuantized, rows: int, cols: int) -> torch.Tensor:
     return data.contiguous()
 
 
+# PyTorch versions differ on the row stride of a 128x128 scale whose K-chunk count is not a multiple
+# of 4: some want it padded to 16 bytes, some exact.  The first GEMM that needs it finds out.
+_PAD_128x128_ROWS = [True]
+
+
 def _scale(q: BlockQuantized, rows: int, operand: str) -> torch.Tensor:
     """``q``'s scales in the layout ScaledBlas.cpp checks (``operand``: "a" for mat1, "b" for mat2^T)."""
     s = q.scale_inv.to(torch.float32)
@@ -70,7 +75,7 @@ def _scale(q: BlockQuantized, rows: int, operand: str) -> torch.Tensor:
         # mat1: (M, K/128) column-major; mat2: its transpose (K/128, N) row-major.
         return s.t().contiguous().t() if operand == "a" else s.t().contiguous()
     chunks = s.shape[1]
-    if chunks % 4:  # newer PyTorch wants the row stride padded to 16 bytes
+    if chunks % 4 and _PAD_128x128_ROWS[0]:
         padded = torch.ones(s.shape[0], _round_up(chunks, 4), dtype=torch.float32, device=s.device)
         padded[:, :chunks] = s
         s = padded[:, :chunks]
@@ -88,12 +93,18 @@ def gemm(a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dtype = torch.bf
     if a.block[0] != 1 and b.block[0] != 1:
         raise ValueError("torch._scaled_mm has no 128x128 by 128x128 block-wise GEMM")
     mp, np_, kp = _round_up(m, _ALIGN), _round_up(n, _ALIGN), _round_up(k, _ALIGN)
-    out = torch._scaled_mm(
-        _codes(a, mp, kp),
-        _codes(b, np_, kp).t(),
-        scale_a=_scale(a, mp, "a"),
-        scale_b=_scale(b, np_, "b"),
-        out_dtype=out_dtype,
-        use_fast_accum=False,
-    )
+    mat1, mat2 = _codes(a, mp, kp), _codes(b, np_, kp).t()
+
+    def run():
+        return torch._scaled_mm(mat1, mat2, scale_a=_scale(a, mp, "a"), scale_b=_scale(b, np_, "b"),
+                                out_dtype=out_dtype, use_fast_accum=False)
+
+    try:
+        out = run()
+    except RuntimeError as err:
+        two_d_odd = any(q.block[0] > 1 and q.scale_inv.shape[1] % 4 for q in (a, b))
+        if not (two_d_odd and _PAD_128x128_ROWS[0] and "Invalid scaling configuration" in str(err)):
+            raise
+        _PAD_128x128_ROWS[0] = False  # this PyTorch wants the exact row stride
+        out = run()
     return out[:m, :n] if (mp, np_) != (m, n) else out
