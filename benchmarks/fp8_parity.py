@@ -120,7 +120,7 @@ def plot(path: str, results: dict, baseline_name: str) -> None:
     bottom.set_xlabel("step")
     bottom.set_ylabel("relative loss error (%)")
     bottom.legend()
-    fig.suptitle(f"dsv3 FP8 block-wise vs {baseline_name}, same seed and batches")
+    fig.suptitle(f"FP8 block-wise (emulated) vs {baseline_name.split(' (')[0]}: same seed, same batches")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
