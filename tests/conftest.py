@@ -26,6 +26,9 @@ def gpu_machine(monkeypatch, enabled: bool = True):
         m.setattr(backends, "transformer_engine_status", lambda: backends.TransformerEngineStatus(True, "", True))
         m.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
         m.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
+        import megatron.core.transformer.transformer_config as transformer_config
+
+        m.setattr(transformer_config, "is_te_min_version", lambda *a, **k: True)  # TE 2.20 (FP8 recipe checks)
         m.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         yield
 

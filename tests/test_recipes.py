@@ -350,16 +350,6 @@ def test_a_top_level_schedule_section_points_to_parallel_schedule(tmp_path):
     assert "parallel.schedule" in text and "schedule: dualpipev" in text
 
 
-@pytest.mark.parametrize("section", ["fp8"])
-def test_roadmap_sections_are_reserved_with_a_planned_feature_error(tmp_path, section):
-    path = write(tmp_path, TINY + f"{section}:\n  name: dualpipev\n")
-    with pytest.raises(ConfigError) as err:
-        load_recipe(path)
-    text = str(err.value)
-    assert f"{path}:{line_of(path, section + ':')}:" in text
-    assert f"`{section}:` section is planned" in text and "not available in this version" in text
-
-
 def test_unknown_recipe_name_lists_the_shipped_recipes_with_did_you_mean():
     with pytest.raises(ConfigError) as err:
         load_recipe("dsv3-tiny-cpus")

@@ -158,7 +158,11 @@ def test_args_command_and_the_tests_builder_make_the_same_megatron_config(name, 
     recipe = load_recipe(name)
     layout = parallel_layout(recipe)
     # Recompute and precision are training settings of the recipe; the harness takes them as extras.
-    extra = [a for a in out if a == "--bf16"]
+    extra = [a for a in out if a in ("--bf16", "--use-distributed-optimizer")]
+    if "--dsv3-fp8" in out:  # FP8 (an fp8: section) is a training setting too
+        i = out.index("--dsv3-fp8")
+        j = next((k for k in range(i + 1, len(out)) if out[k].startswith("--") and not out[k].startswith("--dsv3-fp8")), len(out))
+        extra += out[i:j]
     if "--recompute-granularity" in out:
         i = out.index("--recompute-granularity")
         j = next((k for k in range(i + 1, len(out)) if out[k].startswith("--") and not out[k].startswith("--recompute")), len(out))

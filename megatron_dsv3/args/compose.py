@@ -27,6 +27,7 @@ def recipe_argv(recipe: Recipe, world_size: int | None = None) -> list[str]:
     layout = validate_recipe(recipe, world_size)
     argv = ["--spec", "dsv3"] + model_args(recipe.preset) + parallel_args(layout)
     argv += plugin_args(argv_backend(recipe), cpu=recipe.is_cpu)
+    argv += fp8_args(recipe)
     if recipe.precision == "bf16":
         argv += ["--bf16"]
     argv += training_args(recipe.training, recipe.preset.seq_length)
@@ -43,6 +44,21 @@ def argv_backend(recipe: Recipe) -> str:
 
 def plugin_args(backend: str, *, cpu: bool) -> list[str]:
     return ["--dsv3-backend", backend] + (["--dsv3-cpu"] if cpu else [])
+
+
+def fp8_args(recipe: Recipe) -> list[str]:
+    """The ``fp8:`` section as the plugin's ``--dsv3-fp8*`` options (docs/fp8.md); none without FP8."""
+    from megatron_dsv3.args.options import FP8_OVERRIDES, option_flag
+
+    section = recipe.fp8
+    if section.recipe is None:
+        return []
+    argv = ["--dsv3-fp8", section.recipe, "--dsv3-fp8-backend", section.backend]
+    for dest, field_name in FP8_OVERRIDES.items():
+        value = getattr(section, field_name)
+        if value is not None:
+            argv += [option_flag(dest), *([str(v) for v in value] if isinstance(value, list) else [_text(value)])]
+    return argv
 
 
 # ---- model ----

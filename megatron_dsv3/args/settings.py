@@ -49,6 +49,17 @@ _FLAGS = {
     "gradient_accumulation_fusion": "--no-gradient-accumulation-fusion",
     "moe_grouped_gemm": "--moe-grouped-gemm",
     "num_virtual_stages_per_pipeline_rank": "--num-virtual-stages-per-pipeline-rank",
+    # FP8 (--dsv3-fp8)
+    "fp8": "--fp8-format",
+    "fp8_recipe": "--fp8-recipe",
+    "first_last_layers_bf16": "--first-last-layers-bf16",
+    "num_layers_at_start_in_bf16": "--num-layers-at-start-in-bf16",
+    "num_layers_at_end_in_bf16": "--num-layers-at-end-in-bf16",
+    "moe_router_padding_for_fp8": "--moe-router-padding-for-fp8",
+    "use_precision_aware_optimizer": "--use-precision-aware-optimizer",
+    "exp_avg_dtype": "--exp-avg-dtype",
+    "exp_avg_sq_dtype": "--exp-avg-sq-dtype",
+    "main_params_dtype": "--main-params-dtype",
 }
 _APPLIED = "_dsv3_options_applied"
 
@@ -68,7 +79,87 @@ def implied_settings(args: argparse.Namespace, backend: str) -> dict:
     settings = dict(CPU_SETTINGS) if getattr(args, "dsv3_cpu", False) else {}
     settings.update(BACKEND_SETTINGS[backend])
     settings.update(schedule_settings(args))
+    settings.update(fp8_settings(args, backend))
     return settings
+
+
+# ---- FP8 (megatron_dsv3.fp8): what --dsv3-fp8 implies ----
+# Refusal keys (recipe key paths) as the arguments that set them.
+_FP8_KEY_FLAGS = {"parallel.tp": "--tensor-model-parallel-size", "fp8.backend": "--dsv3-fp8-backend",
+                  "fp8.recipe": "--dsv3-fp8", "training.use_distributed_optimizer": "--use-distributed-optimizer",
+                  "hardware.gpu": "this GPU"}
+
+
+def fp8_plan(args: argparse.Namespace, backend: str):
+    """The FP8 plan the arguments ask for, resolved and checked on this machine (None: no FP8)."""
+    from megatron_dsv3.args.options import FP8_OVERRIDES, option_flag
+    from megatron_dsv3.fp8.plan import FP8Plan
+    from megatron_dsv3.fp8.recipes import named_recipe
+    from megatron_dsv3.fp8.support import refusals, resolve_backend
+
+    name = getattr(args, "dsv3_fp8", None)
+    given = {dest: getattr(args, dest, None) for dest in FP8_OVERRIDES}
+    if name is None:
+        stray = [option_flag(d) for d, v in given.items() if v is not None]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} given without --dsv3-fp8", fix="add --dsv3-fp8 deepseek"
+                              " (or te-blockwise), or remove them", key=stray[0])
+        return None
+    import torch
+
+    on_cpu = bool(getattr(args, "dsv3_cpu", False))  # Megatron runs on GPUs unless in CPU mode
+    recipe = named_recipe(name).with_overrides(**{FP8_OVERRIDES[d]: v for d, v in given.items()})
+    fp8_backend = resolve_backend(getattr(args, "dsv3_fp8_backend", "auto"), model_backend=backend, on_cpu=on_cpu)
+    capability = None if on_cpu or not torch.cuda.is_available() else torch.cuda.get_device_capability()
+    found = refusals(recipe, fp8_backend, model_backend=backend, device="cpu" if on_cpu else "cuda",
+                     capability=capability,
+                     tp=args.tensor_model_parallel_size, use_distributed_optimizer=args.use_distributed_optimizer,
+                     num_layers=args.num_layers)
+    if fp8_backend == "pytorch" and not found:
+        from megatron_dsv3.fp8.scaled_mm import scaled_mm_status
+
+        usable, reason = scaled_mm_status()
+        if not usable:
+            raise ConfigError(f"--dsv3-fp8-backend pytorch cannot run here: {reason}",
+                              fix="use --dsv3-fp8-backend transformer_engine (with --dsv3-backend transformer_engine)"
+                              " or emulated", key="--dsv3-fp8-backend")
+    if found:
+        first = found[0]
+        flag = _FP8_KEY_FLAGS.get(first.key, option_flag("dsv3_" + first.key.replace(".", "_")))
+        raise ConfigError(f"--dsv3-fp8 {name}: {first.problem}", fix=first.fix, key=flag)
+    return FP8Plan(recipe=recipe, backend=fp8_backend)
+
+
+def fp8_settings(args: argparse.Namespace, backend: str) -> dict:
+    """Megatron's ``--fp8-*`` and optimizer settings for the plan, and the plan itself (``dsv3_fp8_plan``)."""
+    plan = fp8_plan(args, backend)
+    if plan is None:
+        return {}
+    recipe = plan.recipe
+    settings = {"dsv3_fp8_plan": plan}
+    if plan.backend == "transformer_engine":
+        settings.update(fp8="e4m3", fp8_recipe="blockwise", moe_router_padding_for_fp8=True)
+        if recipe.bf16_first_layers or recipe.bf16_last_layers:
+            settings.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=recipe.bf16_first_layers,
+                            num_layers_at_end_in_bf16=recipe.bf16_last_layers)
+    else:
+        settings["fp8"] = None  # the local backend's FP8 Linears; Megatron's TE FP8 stays off
+    if recipe.moments == "bf16":
+        settings.update(use_precision_aware_optimizer=True, exp_avg_dtype="bf16", exp_avg_sq_dtype="bf16",
+                        main_params_dtype="fp32")
+    return settings
+
+
+def _export_fp8_environment(settings: dict) -> None:
+    """Transformer Engine's recipe module reads its scale rule at import; say it for later imports
+    (the recipe object itself is built explicitly, megatron_dsv3.fp8.te)."""
+    plan = settings.get("dsv3_fp8_plan")
+    if plan is not None and plan.backend == "transformer_engine":
+        import os
+
+        from megatron_dsv3.fp8.te import environment
+
+        os.environ.update(environment(plan.recipe))
 
 
 def apply_plugin_options(args: argparse.Namespace) -> argparse.Namespace:
@@ -86,6 +177,7 @@ def apply_plugin_options(args: argparse.Namespace) -> argparse.Namespace:
     settings = implied_settings(args, backend)
     _check_conflicts(args, settings, requested)
     _check_schedule(args)
+    _export_fp8_environment(settings)
     for dest, value in settings.items():
         setattr(args, dest, value)
     if getattr(args, "pipeline_schedule", None) in DEEPSEEK_SCHEDULES:
@@ -185,7 +277,14 @@ def transformer_config(args: argparse.Namespace):
     """The ``TransformerConfig`` (an ``MLATransformerConfig``) for parsed arguments, placement attached."""
     from megatron.training.arguments import core_transformer_config_from_args
 
-    return attach_placement(core_transformer_config_from_args(args), args)
+    return attach_fp8(attach_placement(core_transformer_config_from_args(args), args), args)
+
+
+def attach_fp8(config, args: argparse.Namespace):
+    """Put the FP8 plan the arguments resolved to on a ``TransformerConfig`` (megatron_dsv3.fp8.plan)."""
+    from megatron_dsv3.fp8.plan import attach
+
+    return attach(config, getattr(args, "dsv3_fp8_plan", None))
 
 
 def parse_megatron_args(argv: list[str], *, quiet: bool = True) -> argparse.Namespace:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from megatron.training.models.gpt import GPTModelBuilder
 
+from megatron_dsv3.fp8.policy import keep_bf16_modules
 from megatron_dsv3.parallel.placement import placement_of
 
 BUILDER = "megatron_dsv3.model.build.DSV3ModelBuilder"
@@ -21,13 +22,15 @@ class DSV3ModelBuilder(GPTModelBuilder):
     Megatron decides them as "first rank and first virtual stage" / "last rank and last virtual
     stage", which is the placement's answer for 1F1B and interleaved and the wrong one for
     DualPipe(V).  Before the chunks are wrapped, the copies a DeepSeek placement keeps are made
-    equal (:func:`_equalise_copies`).
+    equal (:func:`_equalise_copies`) and an FP8 recipe's BF16 modules are switched back to BF16
+    (:func:`megatron_dsv3.fp8.policy.keep_bf16_modules`).
     """
 
     def __init__(self, model_config):
         super().__init__(model_config)
-        if _equalise_copies not in model_config.pre_wrap_hooks:
-            model_config.pre_wrap_hooks.append(_equalise_copies)
+        for hook in (_equalise_copies, keep_bf16_modules):
+            if hook not in model_config.pre_wrap_hooks:
+                model_config.pre_wrap_hooks.append(hook)
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
         chunk = placement_of(self._model_config).chunk(pg_collection.pp.rank(), vp_stage)

@@ -34,6 +34,7 @@ def validate_recipe(recipe, world_size: int | None = None) -> ParallelLayout:
     _check_device(recipe)
     _check_recompute(recipe)
     _check_data_and_checkpoint(recipe)
+    _check_fp8(recipe, layout)
     return layout
 
 
@@ -224,3 +225,32 @@ def _check_data_and_checkpoint(recipe) -> None:
                     "set checkpoint.save_interval (steps between checkpoints), e.g. to train_iters")
 
 
+
+
+# ---- FP8 (megatron_dsv3.fp8): a recipe the GPU, backend or layout cannot run is refused ----
+def _check_fp8(recipe, layout: ParallelLayout) -> None:
+    from megatron_dsv3.fp8.support import gpu_capability, refusals, resolve_backend
+
+    section = recipe.fp8
+    try:
+        fp8 = section.resolved()
+    except ConfigError as err:
+        raise recipe.locate(err) from None
+    if fp8 is None:
+        stray = [k for k in section.OVERRIDES if getattr(section, k) is not None]
+        if stray or section.backend != "auto":
+            key = f"fp8.{stray[0] if stray else 'backend'}"
+            raise _fail(recipe, key, f"{key} is set but fp8.recipe is null (no FP8)",
+                        "set fp8.recipe: deepseek (or te-blockwise), or remove the fp8 keys")
+        return
+    model_backend = planned_backend(recipe.backend, recipe.is_cpu)
+    if recipe.backend == "auto" and section.backend in ("auto", "transformer_engine") and not recipe.is_cpu:
+        model_backend = "transformer_engine"  # auto on a GPU: checked as the backend FP8 would run on
+    backend = resolve_backend(section.backend, model_backend=model_backend, on_cpu=recipe.is_cpu)
+    found = refusals(fp8, backend, model_backend=model_backend, device=recipe.hardware.device,
+                     capability=gpu_capability(recipe.hardware.gpu), tp=layout.tp,
+                     use_distributed_optimizer=recipe.training.use_distributed_optimizer,
+                     num_layers=recipe.preset.num_layers)
+    if found:
+        first = found[0]
+        raise _fail(recipe, first.key, f"fp8.recipe={fp8.name} ({backend}): {first.problem}", first.fix)

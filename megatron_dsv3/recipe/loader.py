@@ -25,7 +25,6 @@ from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.presets import ModelPreset
 from megatron_dsv3.recipe.schema import (
     MOVED_SECTIONS,
-    RESERVED_SECTIONS,
     ModelSection,
     Recipe,
     RecomputeSection,
@@ -206,12 +205,6 @@ class _Builder:
 
     def build_recipe(self, root: yaml.Node) -> Recipe:
         for name, key_node, _, _ in self._items(root, ""):
-            if name in RESERVED_SECTIONS:
-                raise self.fail(
-                    key_node,
-                    f"the `{name}:` section is planned ({RESERVED_SECTIONS[name]}) but not available"
-                    " in this version",
-                    f"remove the `{name}:` section", key=name)
             if name in MOVED_SECTIONS:
                 what, keys, example = MOVED_SECTIONS[name]
                 raise self.fail(key_node, f"{what} is not a top-level `{name}:` section: it is set by {keys}",

@@ -15,13 +15,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.fp8.plan import FP8_BACKENDS
+from megatron_dsv3.fp8.recipes import BLOCK_KINDS, MOMENTS, OPTIONAL_BF16, RECIPES, SCALES, FP8Recipe, named_recipe
 from megatron_dsv3.model.presets import ModelPreset, get_preset
 from megatron_dsv3.parallel.layout import SCHEDULES
 
-# Sections reserved for the roadmap (ROADMAP.md item 2): present in a recipe, they are an error.
-RESERVED_SECTIONS = {
-    "fp8": "FP8 block-wise training recipes (ROADMAP.md item 2)",
-}
 # Top-level sections a user may expect, and the keys that hold them instead.
 MOVED_SECTIONS = {
     "schedule": ("the pipeline schedule", "parallel.schedule (with parallel.zero_bubble and parallel.fb_overlap)",
@@ -141,6 +139,38 @@ class CheckpointSection:
                       choices=("torch", "torch_dist", "torch_dcp", "fsdp_dtensor"))
 
 
+# ---- FP8 (megatron_dsv3.fp8, docs/fp8.md) ----
+@dataclass
+class FP8Section:
+    """``fp8:``: a named FP8 recipe and overrides of its fields (null keeps the recipe's value)."""
+
+    recipe: str | None = key(None, "named FP8 recipe: deepseek or te-blockwise; null = no FP8", choices=tuple(RECIPES))
+    backend: str = key("auto", "what runs the FP8 GEMMs (auto: Transformer Engine with that backend, else"
+                       " pytorch on a GPU, emulated on CPU)", choices=FP8_BACKENDS)
+    scale: str | None = key(None, "scales: fp32 (amax/448) or pow2 (powers of two)", choices=SCALES)
+    block_size: int | None = key(None, "block length along K, also the FP32 promotion interval (128)")
+    activation_block: str | None = key(None, "activation blocks: 1d (1 x block) or 2d (block x block)",
+                                       choices=BLOCK_KINDS)
+    weight_block: str | None = key(None, "weight blocks: 1d or 2d (DeepSeek: 2d, 128x128)", choices=BLOCK_KINDS)
+    grad_block: str | None = key(None, "activation-gradient blocks: 1d or 2d (DeepSeek: 1d; 2d diverged,"
+                                 " appendix B.2)", choices=BLOCK_KINDS)
+    margin: int | None = key(None, "scale headroom: scale_inv = amax * 2^margin / 448")
+    amax_epsilon: float | None = key(None, "floor of each block's amax")
+    bf16_first_layers: int | None = key(None, "keep the first N decoder layers in BF16")
+    bf16_last_layers: int | None = key(None, "keep the last N decoder layers in BF16")
+    bf16_modules: list[str] | None = key(None, "also keep these in BF16", choices=OPTIONAL_BF16)
+    moments: str | None = key(None, "AdamW moments: bf16 (precision-aware optimizer) or fp32", choices=MOMENTS)
+
+    OVERRIDES = ("scale", "block_size", "activation_block", "weight_block", "grad_block", "margin",
+                 "amax_epsilon", "bf16_first_layers", "bf16_last_layers", "bf16_modules", "moments")
+
+    def resolved(self) -> FP8Recipe | None:
+        """The recipe with this section's overrides, None without FP8."""
+        if self.recipe is None:
+            return None
+        return named_recipe(self.recipe).with_overrides(**{k: getattr(self, k) for k in self.OVERRIDES})
+
+
 @dataclass
 class Recipe:
     """A training job: model, parallel layout, hyper-parameters, data, checkpoints."""
@@ -156,6 +186,7 @@ class Recipe:
     training: TrainingSection = key(doc="Megatron training arguments", factory=TrainingSection)
     data: DataSection = key(doc="training data", factory=DataSection)
     checkpoint: CheckpointSection = key(doc="checkpointing", factory=CheckpointSection)
+    fp8: FP8Section = key(doc="block-wise FP8 training (docs/fp8.md); absent = BF16", factory=FP8Section)
     # YAML `megatron_args:`; the attribute is `extra_args` because `megatron_args()` is the method.
     extra_args: list[str] = key(doc="raw extra Megatron-LM arguments, appended last", factory=list,
                                 yaml="megatron_args")
@@ -220,6 +251,7 @@ _SECTION_FIELDS = {
     "data": {f.name for f in dataclasses.fields(DataSection)},
     "checkpoint": {f.name for f in dataclasses.fields(CheckpointSection)},
     "hardware": {f.name for f in dataclasses.fields(HardwareSection)},
+    "fp8": {f.name for f in dataclasses.fields(FP8Section)},
 }
 
 

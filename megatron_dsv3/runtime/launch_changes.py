@@ -83,7 +83,8 @@ def plugin_options_join_megatron_parser():
     def parse_args_and_apply_dsv3(extra_args_provider=None, ignore_unknown_args=False):
         args = parse_args(extra_args_provider, ignore_unknown_args)
         explicit = (getattr(args, "dsv3_cpu", False) or getattr(args, "dsv3_backend", "auto") != "auto"
-                    or getattr(args, "pipeline_schedule", None) is not None)
+                    or getattr(args, "pipeline_schedule", None) is not None
+                    or getattr(args, "dsv3_fp8", None) is not None)
         if explicit or is_dsv3_spec(getattr(args, "spec", None)):
             apply_plugin_options(args)
         return args
@@ -156,15 +157,16 @@ def configs_carry_the_dualpipe_placement():
     from the arguments gets the placement as its ``pipeline_model_parallel_layout`` (a subclass of
     Megatron's layout that answers from the placement, ``megatron_dsv3.parallel.placement``), so
     layer building, layer numbering and checkpoint keys follow it.  Without those schedules the
-    config is returned unchanged.
+    config is returned unchanged.  The same wrapper attaches the FP8 plan of ``--dsv3-fp8``
+    (``megatron_dsv3.fp8.plan``), which the spec's provider reads.
     """
-    from megatron_dsv3.args.settings import attach_placement
+    from megatron_dsv3.args.settings import attach_fp8, attach_placement
 
     make_config = original("megatron.training.argument_utils.core_transformer_config_from_args")
 
     def core_transformer_config_from_args(args, config_class=None):
         config = make_config(args, config_class) if config_class is not None else make_config(args)
-        return attach_placement(config, args)
+        return attach_fp8(attach_placement(config, args), args)  # and the FP8 plan (--dsv3-fp8)
 
     replace("megatron.training.argument_utils.core_transformer_config_from_args", core_transformer_config_from_args)
     replace("megatron.training.arguments.core_transformer_config_from_args", core_transformer_config_from_args)

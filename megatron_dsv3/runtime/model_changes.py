@@ -118,3 +118,69 @@ def moe_aux_loss_scale_keeps_any_shape():
             current.copy_(scale)
 
     replace("megatron.core.transformer.moe.moe_utils.MoEAuxLossAutoScaler.set_loss_scale", set_loss_scale)
+
+
+# ---- FP8 (megatron_dsv3.fp8) ----
+_DISPATCH_POSTPROCESS = "megatron.core.transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher.dispatch_postprocess"
+
+
+@megatron_change(
+    targets=[_DISPATCH_POSTPROCESS],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="SequentialMLP receives the per-source token counts of each local expert",
+)
+def moe_experts_know_their_token_sources():
+    """FP8 experts learn how many of their tokens came from each expert-parallel rank.
+
+    An expert's input under expert parallelism concatenates the tokens of every source rank
+    (Megatron's all-to-all dispatcher sorts them by local expert, then source).  The FP8 weight
+    gradient tiles tokens 128 at a time, and a tile spanning two ranks' tokens would make the
+    gradient depend on the parallel layout; the per-source counts let the FP8 experts restart
+    tiles at each source (``megatron_dsv3.fp8.experts``).  After Megatron's own
+    ``dispatch_postprocess`` the replacement records the dispatcher's counts, only when FP8
+    experts were built (otherwise it costs one attribute check); the tokens are unchanged.
+    """
+    from megatron_dsv3.fp8.experts import TOKEN_SOURCES
+
+    dispatch_postprocess = original(_DISPATCH_POSTPROCESS)
+
+    def dispatch_postprocess_recording_sources(self, global_input_tokens, global_probs):
+        result = dispatch_postprocess(self, global_input_tokens, global_probs)
+        TOKEN_SOURCES.record(self)
+        return result
+
+    replace(_DISPATCH_POSTPROCESS, dispatch_postprocess_recording_sources)
+
+
+@megatron_change(
+    targets=["megatron.core.fp8_utils.get_fp8_recipe"],
+    versions="megatron-core 0.19.x with Transformer Engine 2.3 - 2.20",
+    fixed_upstream_when="Megatron passes per-tensor QParams (power-of-two or fp32 scales) to "
+    "Float8BlockScaling from its arguments instead of TE's import-time environment variable",
+)
+def blockwise_fp8_recipe_follows_the_dsv3_recipe():
+    """Megatron's block-wise FP8 recipe takes its scales from ``--dsv3-fp8``, not from import time.
+
+    ``--fp8-recipe blockwise`` builds Transformer Engine's ``Float8BlockScaling``, whose scale rule
+    (power of two unless ``NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1``) is fixed when TE's recipe module
+    is imported, which Megatron does at ``import megatron.core``, before the arguments are read.
+    For a config carrying a Transformer Engine FP8 plan the replacement returns the recipe object
+    built from the plan (``megatron_dsv3.fp8.te.float8_block_scaling``: explicit QParams, block
+    dimensions); every other config gets Megatron's recipe unchanged.
+    """
+    from megatron_dsv3.fp8.plan import plan_of
+
+    get_fp8_recipe = original("megatron.core.fp8_utils.get_fp8_recipe")
+
+    def get_fp8_recipe_from_the_plan(config):
+        plan = plan_of(config)
+        recipe = getattr(config.fp8_recipe, "value", config.fp8_recipe)
+        if plan is None or plan.backend != "transformer_engine" or recipe != "blockwise":
+            return get_fp8_recipe(config)
+        from transformer_engine.common import recipe as te_recipe
+
+        from megatron_dsv3.fp8.te import float8_block_scaling
+
+        return float8_block_scaling(plan.recipe, te_recipe)
+
+    replace("megatron.core.fp8_utils.get_fp8_recipe", get_fp8_recipe_from_the_plan)

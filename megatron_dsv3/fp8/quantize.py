@@ -1,0 +1,140 @@
+"""The one block-wise FP8 quantizer: the emulation and the PyTorch GPU backend both use it.
+
+A 2-D tensor is cut into ``(rows, cols)`` blocks (``1 x 128`` tiles along K for activations and
+activation gradients, ``128 x 128`` blocks for weights; DeepSeek-V3 section 3.3.2, figure 7a); each
+block gets one fp32 scale from its own absolute maximum, computed from the current tensor (online,
+not delayed):
+
+    scale_inv = amax * 2^margin / 448          (fp32 scales, DeepSeek's)
+    scale_inv = 2^ceil(log2(amax * 2^margin / 448))   (power-of-two scales, Transformer Engine's default)
+    q = saturate(x / scale_inv)  in float8_e4m3fn,      x ~= q * scale_inv
+
+``scale_inv`` is what Transformer Engine and ``torch._scaled_mm`` call the (de)quantisation scale.
+Shapes that are not multiples of the block keep a partial last block, whose amax covers only the
+elements it holds.  Documented edge cases:
+
+* an all-zero block gets ``scale_inv = 1`` and zero codes (no division by zero);
+* a block whose amax is so small that ``amax / 448`` underflows fp32 is flushed to zero;
+* a non-finite value (inf or NaN) anywhere is an :class:`FP8NonFiniteError` naming the tensor, on
+  the CPU at once and on a GPU through an asynchronous device assertion (no host sync), never a
+  silent NaN weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_dsv3.fp8.recipes import E4M3_MAX, FP8Recipe
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+class FP8NonFiniteError(FloatingPointError):
+    """A tensor about to be quantised to FP8 holds inf or NaN (E4M3 has no inf; NaN would spread)."""
+
+
+@dataclass
+class BlockQuantized:
+    """FP8 codes and one fp32 ``scale_inv`` per ``block`` of a 2-D tensor: ``x ~= data * scale_inv``."""
+
+    data: torch.Tensor  # float8_e4m3fn, the tensor's shape
+    scale_inv: torch.Tensor  # float32, (ceil(rows / block[0]), ceil(cols / block[1]))
+    block: tuple[int, int]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def t(self) -> "BlockQuantized":
+        """The transpose: the same codes and scales, blocks transposed (free for 128x128 blocks,
+        which is why DeepSeek chose them for weights: Dgrad reads ``W^T``)."""
+        return BlockQuantized(self.data.t(), self.scale_inv.t(), (self.block[1], self.block[0]))
+
+    def scales_per_row(self) -> torch.Tensor:
+        """``(rows, ceil(cols / block[1]))``: the scale of every row's K-chunk."""
+        return self.scale_inv.repeat_interleave(self.block[0], dim=0)[: self.data.shape[0]]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        rows, cols = self.data.shape
+        scale = self.scale_inv.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
+        return (self.data.to(torch.float32) * scale[:rows, :cols]).to(dtype)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``x`` in fp32 as a ``(row blocks, rows per block, column blocks, cols per block)`` view,
+    zero-padded to whole blocks (zeros change no block's amax)."""
+    rows, cols = x.shape
+    br, bc = block
+    nr, nc = _ceil_div(rows, br), _ceil_div(cols, bc)
+    xf = x.to(torch.float32)
+    if nr * br != rows or nc * bc != cols:
+        xf = torch.nn.functional.pad(xf, (0, nc * bc - cols, 0, nr * br - rows))
+    return xf.view(nr, br, nc, bc)
+
+
+def block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The absolute maximum of every block of the 2-D ``x`` (partial last blocks included), fp32."""
+    return _blocks(x, block).abs().amax(dim=(1, 3))
+
+
+def scale_inv_from_amax(amax: torch.Tensor, *, scale: str = "fp32", margin: int = 0,
+                        amax_epsilon: float = 0.0) -> torch.Tensor:
+    """``amax * 2^margin / 448`` (``pow2``: rounded up to a power of two, so ``x / scale_inv`` never
+    exceeds 448); 1 for blocks with nothing representable (all zero, or underflowing)."""
+    if amax_epsilon > 0:
+        amax = amax.clamp_min(amax_epsilon)
+    scale_inv = amax * (2.0**margin / E4M3_MAX)
+    if scale == "pow2":
+        mantissa, exponent = torch.frexp(scale_inv)  # scale_inv = mantissa * 2^exponent, mantissa in [0.5, 1)
+        exact = mantissa == 0.5
+        scale_inv = torch.ldexp(torch.ones_like(scale_inv), torch.where(exact, exponent - 1, exponent))
+    elif scale != "fp32":
+        raise ValueError(f"unknown scale type {scale!r}")
+    return torch.where(scale_inv > 0, scale_inv, torch.ones_like(scale_inv))
+
+
+def _check_finite(amax: torch.Tensor, role: str) -> None:
+    message = (f"FP8 quantisation of {role}: the tensor holds inf or NaN, which E4M3 cannot represent"
+               " (training diverged, or the data is broken); lower the learning rate, check the inputs,"
+               " or keep this module in BF16")
+    if amax.is_cuda:
+        torch._assert_async(torch.isfinite(amax).all(), message)
+    elif not bool(torch.isfinite(amax).all()):
+        raise FP8NonFiniteError(message)
+
+
+def quantize(x: torch.Tensor, block: tuple[int, int], *, scale: str = "fp32", margin: int = 0,
+             amax_epsilon: float = 0.0, role: str = "a tensor") -> BlockQuantized:
+    """``x`` (2-D) as FP8 codes with one scale per ``block``; see the module docstring."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(x.shape)}")
+    rows, cols = x.shape
+    blocks = _blocks(x, block)
+    amax = blocks.abs().amax(dim=(1, 3))
+    _check_finite(amax, role)
+    scale_inv = scale_inv_from_amax(amax, scale=scale, margin=margin, amax_epsilon=amax_epsilon)
+    codes = (blocks / scale_inv[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    codes = codes.view(blocks.shape[0] * blocks.shape[1], blocks.shape[2] * blocks.shape[3])
+    if codes.shape != x.shape:
+        codes = codes[:rows, :cols].contiguous()
+    return BlockQuantized(codes, scale_inv, tuple(block))
+
+
+def quantize_for(x: torch.Tensor, recipe: FP8Recipe, role: str, *, along: str = "cols",
+                 name: str = "") -> BlockQuantized:
+    """``x`` quantised for a GEMM that contracts it along ``along`` ("cols": K is the last dim;
+    "rows": K is the first, e.g. tokens in the weight-gradient GEMM).  For ``along="rows"`` the result
+    is the transposed operand ``x^T`` (K last), quantised in the recipe's blocks for ``role``
+    transposed: a 1x128 tile of ``x^T`` is 128 consecutive rows of one column of ``x``."""
+    block = recipe.block(role)
+    what = f"{name or 'a linear'}'s {role}"
+    kwargs = dict(scale=recipe.scale, margin=recipe.margin, amax_epsilon=recipe.amax_epsilon, role=what)
+    if along == "cols":
+        return quantize(x, block, **kwargs)
+    return quantize(x, (block[1], block[0]), **kwargs).t()
