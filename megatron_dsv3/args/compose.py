@@ -139,6 +139,50 @@ def _moe_args(p: ModelPreset) -> list:
     return args
 
 
+def preset_from_args(args, *, name: str = "checkpoint") -> ModelPreset:
+    """The preset that parsed Megatron arguments describe: the inverse of :func:`model_args` (the
+    checkpoint converter reads a run's architecture from the arguments its checkpoint records).
+    Training-only fields Megatron does not record in the architecture (none today) keep the
+    preset defaults; an architecture :func:`model_args` cannot produce is refused."""
+    freq = list(args.moe_layer_freq) if isinstance(args.moe_layer_freq, (list, tuple)) else None
+    if args.num_experts and (freq is None or freq != sorted(freq) or set(freq) - {0, 1}):
+        raise ConfigError(f"moe_layer_freq={args.moe_layer_freq!r} is not dense layers followed by MoE layers",
+                          fix="convert a DeepSeek-style model (first_k_dense dense layers, then MoE)",
+                          key="moe_layer_freq")
+    if not args.multi_latent_attention:
+        raise ConfigError("the checkpoint's model has no Multi-head Latent Attention",
+                          fix="convert a model trained with --spec dsv3", key="multi_latent_attention")
+    yarn = args.rope_type == "yarn"
+    aux = args.moe_router_load_balancing_type == "seq_aux_loss"
+    first_k_dense = freq.count(0) if freq else args.num_layers
+    return ModelPreset(
+        name=name, description=f"read from Megatron arguments ({name})",
+        num_layers=args.num_layers, hidden_size=args.hidden_size, vocab_size=args.vocab_size,
+        seq_length=args.seq_length, init_method_std=args.init_method_std, norm_epsilon=args.layernorm_epsilon,
+        num_attention_heads=args.num_attention_heads, q_lora_rank=args.q_lora_rank,
+        kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_head_dim,
+        qk_rope_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim,
+        rope_type=args.rope_type, rope_theta=float(args.rotary_base),
+        yarn_factor=float(args.rotary_scaling_factor) if yarn else ModelPreset.yarn_factor,
+        yarn_mscale=float(args.mscale) if yarn else ModelPreset.yarn_mscale,
+        yarn_mscale_all_dim=float(args.mscale_all_dim) if yarn else ModelPreset.yarn_mscale_all_dim,
+        first_k_dense=first_k_dense, ffn_hidden_size=args.ffn_hidden_size,
+        num_routed_experts=args.num_experts or 0,
+        num_shared_experts=(args.moe_shared_expert_intermediate_size or 0) // (args.moe_ffn_hidden_size or 1),
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size or ModelPreset.moe_ffn_hidden_size,
+        moe_router_topk=args.moe_router_topk, score_function=args.moe_router_score_function,
+        normalize_topk=not (args.moe_router_score_function == "softmax" and args.moe_router_pre_softmax),
+        route_scale=float(args.moe_router_topk_scaling_factor or 1.0),
+        num_groups=args.moe_router_num_groups or 1, group_topk=args.moe_router_group_topk or 1,
+        expert_bias=bool(args.moe_router_enable_expert_bias),
+        expert_bias_update_rate=float(args.moe_router_bias_update_rate) if args.moe_router_enable_expert_bias else 0.0,
+        seq_aux_loss_coeff=float(args.moe_aux_loss_coeff) if aux else 0.0,
+        mtp_num_layers=args.mtp_num_layers or 0,
+        mtp_loss_scaling_factor=float(args.mtp_loss_scaling_factor) if args.mtp_num_layers else 0.0,
+        tie_embeddings=not args.untie_embeddings_and_output_weights,
+    )
+
+
 # ---- parallelism ----
 def parallel_args(layout: ParallelLayout) -> list[str]:
     args = [

@@ -13,7 +13,7 @@ layout).  HF names are those of the released checkpoints (``model.layers.N.mlp.e
   ``megatron/core/models/common/embeddings/rope_utils.py``), as transformers does with
   ``rope_interleave=True``.
 
-Used by the HuggingFace-equivalence test today and by the checkpoint converter on the roadmap.
+Used by the HuggingFace-equivalence test and the checkpoint converter (:mod:`megatron_dsv3.convert`).
 """
 
 from __future__ import annotations
@@ -64,6 +64,13 @@ _MTP = [
     ("final_layernorm.weight", "shared_head.norm.weight", "copy"),
 ]
 
+# The released checkpoints also store, in each MTP layer, copies of the embedding and the output
+# head (DeepSeek-V3's inference code gives the MTP module its own references to them); Megatron's MTP
+# shares the model's.  Import ignores them; export writes them so the layout is the released one.
+_MTP_COPIES = [
+    ("embed_tokens.weight", "embedding.word_embeddings.weight"),
+    ("shared_head.head.weight", "output_layer.weight"),
+]
 
 @dataclass(frozen=True)
 class Mapping:
@@ -135,3 +142,8 @@ def megatron_to_hf(state: dict[str, torch.Tensor], p: ModelPreset, *, include_mt
             out[m.hf[0]] = tensor
     return out
 
+
+def mtp_copies(p: ModelPreset) -> list[tuple[str, str]]:
+    """``(HF name, Megatron name)`` of the copies each MTP layer of a released checkpoint holds."""
+    return [(f"model.layers.{p.num_layers + k}.{hf}", meg)
+            for k in range(p.mtp_num_layers) for hf, meg in _MTP_COPIES]

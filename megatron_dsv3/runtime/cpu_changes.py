@@ -30,18 +30,34 @@ from megatron_dsv3.runtime.registry import (
 )
 
 _CPU = torch.device("cpu")
+# Where a CUDA designation goes: the CPU, or (inside ``cuda_on``) another device such as ``meta``.
+_TARGET = [_CPU]
+
+
+@contextlib.contextmanager
+def cuda_on(device: torch.device):
+    """Send what Megatron allocates on "the GPU" to ``device`` for a while.  The checkpoint
+    converter builds the target model on the ``meta`` device this way (shapes without storage):
+    Megatron passes ``device=torch.cuda.current_device()`` explicitly, which a ``torch.device``
+    context does not override."""
+    _TARGET.append(torch.device(device))
+    try:
+        yield
+    finally:
+        _TARGET.pop()
 
 
 def _cpu_device(device):
-    """Map any CUDA device designation (``"cuda"``, ``"cuda:1"``, ``0``, ``torch.device``) to CPU."""
-    if device is None:
-        return None
+    """Map any CUDA device designation (``"cuda"``, ``"cuda:1"``, ``0``, ``torch.device``) to CPU
+    (or to the device of :func:`cuda_on`)."""
+    if device is None:  # the default device; inside cuda_on, that device
+        return _TARGET[-1] if len(_TARGET) > 1 else None
     if isinstance(device, int) and not isinstance(device, bool):
-        return _CPU
+        return _TARGET[-1]
     if isinstance(device, str):
-        return _CPU if device.startswith("cuda") else device
+        return _TARGET[-1] if device.startswith("cuda") else device
     if isinstance(device, torch.device) and device.type == "cuda":
-        return _CPU
+        return _TARGET[-1]
     return device
 
 
@@ -58,8 +74,8 @@ _TENSOR_FACTORIES = ("new_empty", "new_zeros", "new_ones", "new_full", "new_tens
 def _factory_on_cpu(fn):
     @functools.wraps(fn)
     def factory(*args, **kwargs):
-        if "device" in kwargs:
-            kwargs["device"] = _cpu_device(kwargs["device"])
+        if "device" in kwargs or len(_TARGET) > 1:  # inside cuda_on, no device means that device
+            kwargs["device"] = _cpu_device(kwargs.get("device"))
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
         return fn(*args, **kwargs)

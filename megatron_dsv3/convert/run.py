@@ -1,0 +1,277 @@
+"""``megatron-dsv3 convert``: HuggingFace DeepSeek-V3 checkpoints to Megatron and back, streaming.
+
+Import (:func:`hf_to_megatron`): the HF checkpoint is checked whole before anything is written
+(:class:`~megatron_dsv3.convert.hf_reader.HFCheckpoint`: config, index, shard headers, names,
+shapes, dtypes, the recipe), then each Megatron parameter is made from its HF tensors when the
+checkpoint writer reaches it (FP8 weights dequantised on the way) and written into a Megatron
+``torch_dist`` ``release`` checkpoint.  Export (:func:`megatron_to_hf`) reads one group of
+parameters at a time from a Megatron checkpoint of any layout and streams them into the released
+HF layout.  Peak memory is a few parameters, whatever the model's size.
+
+Both write into a temporary sibling folder and rename it at the end, so an interrupted run never
+leaves something that looks complete, and a rerun starts cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from megatron_dsv3.convert.megatron_io import DTYPES, MegatronCheckpoint, MetaModel, single_process, write_checkpoint
+from megatron_dsv3.convert.progress import Progress
+from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.model.hf_names import Mapping, mtp_copies, name_table
+from megatron_dsv3.model.presets import ModelPreset
+
+
+@dataclasses.dataclass
+class Result:
+    out_dir: Path
+    preset: ModelPreset
+    bytes_written: int
+    seconds: float
+    notes: list[str]
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
+
+
+# ---- the output folder -------------------------------------------------------------------------
+def _temporary(out_dir: Path, overwrite: bool) -> Path:
+    """A fresh temporary sibling of ``out_dir`` (what an interrupted earlier run left is removed)."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ConfigError(f"{out_dir} exists and is not empty",
+                          fix="choose a new output folder, or pass --overwrite to replace it once the new one is "
+                              "complete")
+    tmp = out_dir.parent / f".{out_dir.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished folder into place; an old ``out_dir`` goes only after that."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+# ---- HF -> Megatron ----------------------------------------------------------------------------
+def hf_to_megatron(hf_dir, out_dir, *, recipe: str | None = None, overrides: list[str] | None = None,
+                   dtype: str | None = None, threads: int = 2, overwrite: bool = False,
+                   progress: bool = True) -> Result:
+    """Convert the HF checkpoint in ``hf_dir`` to a Megatron checkpoint in ``out_dir``.
+
+    The model is the HF config's (:func:`~megatron_dsv3.convert.hf_config.preset_from_hf_config`),
+    or ``recipe``'s, which the config must agree with.  ``dtype`` (bfloat16, float16, float32)
+    defaults to the checkpoint's (bfloat16 for FP8 releases, whose weights are dequantised)."""
+    from megatron_dsv3.convert.hf_reader import HFCheckpoint
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    target = None
+    if recipe is not None:
+        from megatron_dsv3.recipe import load_recipe
+
+        target = load_recipe(recipe, overrides or []).preset
+    hf = HFCheckpoint.open(hf_dir, recipe_preset=target)
+    target = target or hf.preset
+    notes = []
+    if target.mtp_num_layers and not hf.has_mtp:
+        raise ConfigError(f"{hf_dir}: the checkpoint has no MTP layer but the model has "
+                          f"model.mtp_num_layers={target.mtp_num_layers}",
+                          fix="convert with a recipe that sets model.mtp_num_layers: 0 (or a checkpoint with MTP)",
+                          key="mtp_num_layers")
+    if hf.has_mtp and not target.mtp_num_layers:
+        notes.append(f"the checkpoint's MTP layer (model.layers.{target.num_layers}.*) is not converted: the "
+                     "model has no MTP (model.mtp_num_layers: 0)")
+    torch_dtype = _dtype(dtype, hf.dtype)
+    table = {m.megatron: m for m in name_table(target, include_mtp=target.mtp_num_layers > 0)}
+    tmp = _temporary(out_dir, overwrite)
+
+    def source(name: str) -> torch.Tensor:
+        return _join(table[name], [hf.tensor(h) for h in table[name].hf])
+
+    with single_process():
+        meta = MetaModel(target, torch_dtype)
+        _same_names(meta, table)
+        total = sum(p.nbytes for p in meta.pieces)
+        bar = Progress(f"hf-to-megatron {hf_dir.name}", total, enabled=progress)
+        write_checkpoint(meta, tmp, source, threads=threads, progress=bar.add)
+        bar.close()
+    _publish(tmp, out_dir)
+    return Result(out_dir, target, total, bar.seconds, notes)
+
+
+def _join(m: Mapping, tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors, dim=0) if m.transform == "glu" else tensors[0]
+
+
+def _same_names(meta: MetaModel, table: dict) -> None:
+    missing, extra = set(meta.params) - set(table), set(table) - set(meta.params)
+    if missing or extra:  # the name table and the spec disagree: a bug here, not bad input
+        raise RuntimeError(f"name table and model differ: not in the table {sorted(missing)[:5]}, "
+                           f"not in the model {sorted(extra)[:5]}")
+
+
+def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
+    if name is None:
+        return default
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}", fix="use bfloat16 (the release's)",
+                          key="dtype", value=name, choices=list(DTYPES))
+    return DTYPES[name]
+
+
+# ---- Megatron -> HF ----------------------------------------------------------------------------
+def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_bytes: int = 5 * 10**9,
+                   threads: int = 2, overwrite: bool = False, progress: bool = True,
+                   read_batch_bytes: int = 256 * 2**20) -> Result:
+    """Convert the Megatron checkpoint ``ckpt_dir`` (a save folder or one step of it, saved under any
+    parallel layout) to the released HF layout in ``out_dir``.  ``dtype`` defaults to the run's
+    (``--bf16`` -> bfloat16); the router's expert bias stays float32, as in the release."""
+    from megatron_dsv3.args.compose import preset_from_args
+    from megatron_dsv3.convert.hf_writer import write_hf_checkpoint
+
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    ckpt = MegatronCheckpoint(ckpt_dir)
+    preset = preset_from_args(ckpt.args, name=ckpt_dir.name)
+    stored = torch.bfloat16 if getattr(ckpt.args, "bf16", False) else (
+        torch.float16 if getattr(ckpt.args, "fp16", False) else torch.float32)
+    out_dtype = _dtype(dtype, stored)
+    table = name_table(preset, include_mtp=preset.mtp_num_layers > 0)
+    if overwrite is False and out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} exists and is not empty",
+                          fix="choose a new output folder, or pass --overwrite to replace it once the new one is "
+                              "complete")
+
+    with single_process():
+        meta = MetaModel(preset, stored)
+        _same_names(meta, {m.megatron: m for m in table})
+        _check_shapes(ckpt, meta)
+        plan, order, copies = _export_plan(preset, meta, table, out_dtype)
+        total = sum(_nbytes(shape, dt) for _, shape, dt in plan)
+        bar = Progress(f"megatron-to-hf {ckpt_dir.name}", total, enabled=progress)
+        pieces_of: dict[str, list] = {}
+        for piece in meta.pieces:
+            pieces_of.setdefault(piece.name, []).append(piece)
+
+        def read_group(names: list[str]) -> dict[str, torch.Tensor]:
+            buffers = {n: torch.empty(meta.params[n].shape, dtype=meta.params[n].dtype) for n in names}
+            ckpt.read([(piece, buffers[n]) for n in names for piece in pieces_of[n]])
+            return buffers
+
+        def tensors():
+            groups = _groups(order, meta, read_batch_bytes)
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                pending = OrderedDict()
+                for i, group in enumerate(groups[:threads]):
+                    pending[i] = pool.submit(read_group, group)
+                next_group = len(pending)
+                for i in range(len(groups)):
+                    params = pending.pop(i).result()
+                    if next_group < len(groups):
+                        pending[next_group] = pool.submit(read_group, groups[next_group])
+                        next_group += 1
+                    for name in groups[i]:
+                        for hf_name, tensor in _split(by_megatron[name], params.pop(name)):
+                            for out_name in [hf_name] + copies.get(hf_name, []):
+                                out = tensor.to(plan_dtype[out_name])
+                                bar.add(out.nbytes)
+                                yield out_name, out
+
+        by_megatron = {m.megatron: m for m in table}
+        plan_dtype = {name: dt for name, _, dt in plan}
+        write_hf_checkpoint(out_dir, preset, tensors(), plan=plan, max_shard_bytes=max_shard_bytes,
+                            overwrite=overwrite)
+        bar.close()
+    return Result(out_dir, preset, total, bar.seconds, [])
+
+
+def _nbytes(shape, dt: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * dt.itemsize
+
+
+def _hf_dtype(hf_name: str, out_dtype: torch.dtype) -> torch.dtype:
+    # DeepSeek's release keeps the router's correction bias in float32 (it is added to sigmoid scores).
+    return torch.float32 if hf_name.endswith("e_score_correction_bias") else out_dtype
+
+
+def _export_plan(preset, meta: MetaModel, table: list[Mapping], out_dtype):
+    """``plan``: (HF name, shape, dtype) in the order they are written; ``order``: the Megatron
+    parameters in the order they are read; ``copies``: HF name -> the MTP copies written after it."""
+    plan, order = [], []
+    copies: dict[str, list[str]] = {}
+    by_megatron = {m.megatron: m for m in table}
+    for hf_name, megatron_name in mtp_copies(preset):
+        copies.setdefault(by_megatron[megatron_name].hf[0], []).append(hf_name)
+    for m in table:
+        order.append(m.megatron)
+        shape = tuple(meta.params[m.megatron].shape)
+        if m.transform == "glu":
+            halves = [(shape[0] // 2, *shape[1:])] * 2
+        else:
+            halves = [shape]
+        for hf_name, hf_shape in zip(m.hf, halves):
+            for out_name in [hf_name] + copies.get(hf_name, []):
+                plan.append((out_name, hf_shape, _hf_dtype(out_name, out_dtype)))
+    return plan, order, copies
+
+
+def _split(m: Mapping, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    if m.transform == "glu":
+        gate, up = tensor.chunk(2, dim=0)
+        return [(m.hf[0], gate), (m.hf[1], up)]
+    return [(m.hf[0], tensor)]
+
+
+def _groups(order: list[str], meta: MetaModel, batch_bytes: int) -> list[list[str]]:
+    groups, size = [[]], 0
+    for name in order:
+        nbytes = meta.params[name].numel() * meta.params[name].element_size()
+        if groups[-1] and size + nbytes > batch_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def _check_shapes(ckpt: MegatronCheckpoint, meta: MetaModel) -> None:
+    """Every tensor the model has is in the checkpoint with a global shape that holds it (the
+    vocabulary may be padded beyond the model's rows; nothing else may differ)."""
+    shapes = ckpt.shapes
+    expected: dict[str, list[int]] = {}
+    for piece in meta.pieces:
+        chunk = (1,) * (len(piece.offset) - len(piece.shape)) + piece.shape
+        end = [o + s for o, s in zip(piece.offset, chunk)]
+        expected[piece.key] = [max(a, b) for a, b in zip(expected.get(piece.key, end), end)]
+    for key, shape in expected.items():
+        if key not in shapes:
+            raise ConfigError(f"{ckpt.step_dir}: the checkpoint has no tensor {key}",
+                              fix="export a checkpoint of a --spec dsv3 model; its recorded arguments decide the "
+                                  "model")
+        found = list(shapes[key])
+        padded_vocab = key in ("embedding.word_embeddings.weight", "output_layer.weight")
+        ok = found == shape or (padded_vocab and found[0] >= shape[0] and found[1:] == shape[1:])
+        if not ok:
+            raise ConfigError(f"{ckpt.step_dir}: {key} has global shape {tuple(found)}, the model's arguments give "
+                              f"{tuple(shape)}",
+                              fix="export the checkpoint with the arguments it was saved with (the converter reads "
+                                  "them from the checkpoint; a hand-edited checkpoint cannot be exported)")
