@@ -104,11 +104,20 @@ def test_options_default_to_zero_bubble_on_local_and_overlap_with_expert_paralle
     (dict(fb_overlap=True, recompute_granularity="full"), ["no full or `moe` recompute"]),
     (dict(fb_overlap=True, recompute_granularity="selective", recompute_modules=["moe"]), ["`moe` recompute"]),
     (dict(fb_overlap=True, mtp_num_layers=2), ["at most one MTP layer (got 2)"]),
+    (dict(overlap_grad_reduce=True), ["--overlap-grad-reduce", "zero-bubble", "--no-dualpipe-zero-bubble"]),
+    (dict(overlap_grad_reduce=True, zero_bubble=True), ["--overlap-grad-reduce", "--no-dualpipe-zero-bubble"]),
 ])
 def test_option_combinations_that_cannot_run_are_refused_with_the_fix(overrides, words):
     with pytest.raises(ConfigError) as err:
         _options(**overrides)
     assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_overlapped_grad_reduce_runs_without_the_zero_bubble_split():
+    """DDP's grad-ready hook cannot wait for a deferred W (see constraints.py); without the split the
+    overlapped reduction is exact (tests/test_dualpipe_equivalence.py, slow)."""
+    assert _options(overlap_grad_reduce=True, zero_bubble=False).zero_bubble is False
+    assert _options(overlap_grad_reduce=True, backend="transformer_engine").zero_bubble is False
 
 
 @pytest.mark.parametrize("schedule,pp,m,peak", [("dualpipe", 4, 8, 5), ("dualpipe", 8, 16, 9),
@@ -249,8 +258,17 @@ def test_megatron_arguments_carry_the_schedule_and_its_resolved_options(monkeypa
     (["--pipeline-schedule", "dualpipe", "--log-params-norm"], ["--log-params-norm", "dualpipev"]),
     (["--pipeline-schedule", "dualpipev", "--dualpipe-fb-overlap"], ["expert parallelism (ep > 1)"]),
     (["--dualpipe-zero-bubble"], ["dualpipe"]),
+    (["--pipeline-schedule", "dualpipev", "--overlap-grad-reduce"],
+     ["--overlap-grad-reduce", "--no-dualpipe-zero-bubble"]),
 ])
 def test_megatron_arguments_the_schedule_cannot_run_are_refused(monkeypatch, extra, words):
     with pytest.raises(ConfigError) as err:
         _parse(monkeypatch, *extra)
     assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_megatron_arguments_overlap_grad_reduce_without_the_split_are_accepted(monkeypatch):
+    from megatron_dsv3.args.settings import schedule_options
+
+    args = _parse(monkeypatch, "--pipeline-schedule", "dualpipev", "--overlap-grad-reduce", "--no-dualpipe-zero-bubble")
+    assert args.overlap_grad_reduce and schedule_options(args).zero_bubble is False

@@ -258,7 +258,7 @@ def schedule_options(args: argparse.Namespace) -> ScheduleOptions:
         args.pipeline_schedule, ep=args.expert_model_parallel_size, backend=args.transformer_impl,
         zero_bubble=getattr(args, "dualpipe_zero_bubble", None), fb_overlap=getattr(args, "dualpipe_fb_overlap", None),
         recompute_granularity=args.recompute_granularity, recompute_modules=args.recompute_modules,
-        mtp_num_layers=args.mtp_num_layers or 0,
+        mtp_num_layers=args.mtp_num_layers or 0, overlap_grad_reduce=bool(getattr(args, "overlap_grad_reduce", False)),
     )
 
 

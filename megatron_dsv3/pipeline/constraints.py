@@ -13,7 +13,8 @@ from megatron_dsv3.parallel.placement import ScheduleOptions
 
 def resolve_options(schedule: str, *, ep: int, backend: str, zero_bubble: bool | None,
                     fb_overlap: bool | None, recompute_granularity: str | None,
-                    recompute_modules: list[str] | None, mtp_num_layers: int) -> ScheduleOptions:
+                    recompute_modules: list[str] | None, mtp_num_layers: int,
+                    overlap_grad_reduce: bool = False) -> ScheduleOptions:
     """The options a DeepSeek schedule runs with; None means the default.
 
     * ``zero_bubble`` (default: on with the local backend): the local backend's linears queue their
@@ -25,6 +26,12 @@ def resolve_options(schedule: str, *, ep: int, backend: str, zero_bubble: bool |
       MLP its own input, which the step then frees), no full or ``moe`` recompute (the plan calls
       the layer's pieces directly, so it would silently not recompute), and at most one MTP layer
       (Megatron's MTP plan node).
+    * ``overlap_grad_reduce`` (Megatron's ``--overlap-grad-reduce``) with the zero-bubble split is
+      refused: a deferring backward leaves a queued weight's gradient undefined, yet its
+      AccumulateGrad node still runs and fires Megatron DDP's grad-ready hook, which asserts
+      ``param.grad`` is set when ``overlap_grad_reduce`` is on (measured: DualPipeV on pp 2 x dp 2
+      stops with that assertion at its first deferring backward).  Without the split the overlapped reduction matches the
+      single-process gradients (``tests/test_dualpipe_equivalence.py``).
     """
     if zero_bubble is None:
         zero_bubble = backend == "local"
@@ -34,6 +41,15 @@ def resolve_options(schedule: str, *, ep: int, backend: str, zero_bubble: bool |
             " (Transformer Engine's delay_wgrad_compute is not wired into the schedule)",
             fix="use --no-dualpipe-zero-bubble (parallel.zero_bubble: false) or the local backend",
             key="parallel.zero_bubble",
+        )
+    if zero_bubble and overlap_grad_reduce:
+        raise ConfigError(
+            f"--overlap-grad-reduce with {schedule}'s zero-bubble split cannot run: Megatron DDP's grad-ready"
+            " hook fires for a weight whose gradient the split defers to its W and asserts the gradient is"
+            " already there (the split is on by default with the local backend)",
+            fix="add --no-dualpipe-zero-bubble (parallel.zero_bubble: false) to keep the overlapped gradient"
+            " reduction, or drop --overlap-grad-reduce to keep the B/W split",
+            key="--overlap-grad-reduce",
         )
     if fb_overlap is None:
         fb_overlap = ep > 1

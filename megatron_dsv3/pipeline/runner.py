@@ -14,8 +14,11 @@
 * activations and their gradients travel point-to-point over the pipeline group, posted where
   DeepSeek's reference posts them; at the turn of the V (DualPipeV's last rank) they stay local;
 * data-parallel gradient reduction starts for a chunk at its last micro-batch's backward (DDP's
-  ``no_sync`` per chunk), so ``overlap_grad_reduce`` works; Megatron's ``finalize_model_grads``
-  runs as after any schedule, then the copies a placement keeps are summed
+  ``no_sync`` per chunk), so ``overlap_grad_reduce`` works without the zero-bubble split (tested
+  with DP 2: ``tests/test_dualpipe_equivalence.py``, slow); with the split, DDP's grad-ready hook
+  fires at the ``B`` for a deferred weight that has no gradient yet and asserts, so
+  :mod:`megatron_dsv3.pipeline.constraints` refuses that combination.  Megatron's
+  ``finalize_model_grads`` runs as after any schedule, then the copies a placement keeps are summed
   (:mod:`megatron_dsv3.pipeline.copies`);
 * the loss reports go to the last pipeline rank, where Megatron's training loop reduces and logs
   them (under DualPipeV the loss is computed on rank 0; under DualPipe on both end ranks).
