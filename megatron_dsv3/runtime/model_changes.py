@@ -184,3 +184,42 @@ def blockwise_fp8_recipe_follows_the_dsv3_recipe():
         return float8_block_scaling(plan.recipe, te_recipe)
 
     replace("megatron.core.fp8_utils.get_fp8_recipe", get_fp8_recipe_from_the_plan)
+
+
+# ---- routing (DeepSeek-V3 section 2.1.2) ----
+_GROUP_LIMITED_TOPK = "megatron.core.transformer.moe.moe_utils.group_limited_topk"
+
+
+@megatron_change(
+    targets=[_GROUP_LIMITED_TOPK],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="group_limited_topk scores a group by the sum of its top-2 scores (DeepSeek's "
+    "definition) rather than of its top topk // group_topk",
+)
+def group_limited_routing_scores_groups_by_their_top_two():
+    """Node-limited routing scores each expert group by the sum of its two best affinities.
+
+    DeepSeek-V3 (arXiv 2412.19437v2, section 2.1.2; ``Gate.forward`` of DeepSeek's inference code
+    ``inference/model.py``, and transformers' ``DeepseekV3TopkRouter``) keeps, for each token, the
+    ``group_topk`` groups whose top-2 values of ``s + b`` sum highest, then picks the top-k experts
+    inside them.  Megatron-Core 0.19's ``group_limited_topk`` (``moe/moe_utils.py``) sums the top
+    ``topk // group_topk`` values instead, which agrees with DeepSeek only when
+    ``topk == 2 * group_topk`` (the released 8 experts from 4 groups), so a checkpoint with another
+    ratio (top-4 from 1 group, say) would route to other experts than it was trained with.  The
+    replacement differs only in that group score (a group of one expert scores by that one); the
+    selection of groups and experts is Megatron's.  The fused Transformer Engine router
+    (``--moe-router-fusion``) is not changed and is not used by megatron-dsv3.
+    """
+
+    def group_limited_topk(scores, topk, num_tokens, num_experts, num_groups, group_topk):
+        import torch
+
+        grouped = scores.view(num_tokens, num_groups, -1)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(num_tokens, num_groups, num_experts // num_groups)
+        masked = scores.masked_fill(~score_mask.reshape(num_tokens, -1).bool(), float("-inf"))
+        return torch.topk(masked, k=topk, dim=-1)
+
+    replace(_GROUP_LIMITED_TOPK, group_limited_topk)
