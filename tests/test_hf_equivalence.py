@@ -19,39 +19,17 @@ TINY = get_preset("dsv3-tiny")
 
 
 def _hf_model(p):
-    """transformers' DeepseekV3 (sigmoid routing) or DeepseekV2 (softmax routing) for preset ``p``."""
+    """transformers' DeepseekV3 (sigmoid routing) or DeepseekV2 (softmax routing) for preset ``p``,
+    configured by the converter's one preset -> config.json mapping."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
-    common = _hf_common(p)
-    if p.score_function == "softmax":
-        config = DeepseekV2Config(**common, topk_method="greedy", n_group=None, topk_group=None)
-        return DeepseekV2ForCausalLM(config).eval()
-    config = DeepseekV3Config(**common, n_group=p.num_groups, topk_group=p.group_topk,
-                              rope_interleave=True, num_mtp_layers=0)
-    return DeepseekV3ForCausalLM(config).eval()
+    from megatron_dsv3.convert.hf_config import hf_config_from_preset
 
-
-def _hf_common(p) -> dict:
-    rope = {"rope_type": "default", "rope_theta": p.rope_theta}
-    if p.rope_type == "yarn":
-        rope = {
-            "rope_type": "yarn", "rope_theta": p.rope_theta, "factor": p.yarn_factor,
-            "original_max_position_embeddings": p.yarn_original_max_position,
-            "beta_fast": p.yarn_beta_fast, "beta_slow": p.yarn_beta_slow,
-            "mscale": p.yarn_mscale, "mscale_all_dim": p.yarn_mscale_all_dim,
-        }
-    return dict(
-        vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.ffn_hidden_size,
-        moe_intermediate_size=p.moe_ffn_hidden_size, num_hidden_layers=p.num_layers,
-        num_attention_heads=p.num_attention_heads, num_key_value_heads=p.num_attention_heads,
-        n_shared_experts=p.num_shared_experts, n_routed_experts=p.num_routed_experts,
-        routed_scaling_factor=p.route_scale, kv_lora_rank=p.kv_lora_rank, q_lora_rank=p.q_lora_rank,
-        qk_rope_head_dim=p.qk_rope_head_dim, v_head_dim=p.v_head_dim, qk_nope_head_dim=p.qk_nope_head_dim,
-        num_experts_per_tok=p.moe_router_topk, first_k_dense_replace=p.first_k_dense,
-        norm_topk_prob=p.normalize_topk, max_position_embeddings=p.seq_length,
-        rms_norm_eps=p.norm_epsilon, rope_parameters=rope, tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
+    config = hf_config_from_preset(p)
+    v3 = config.pop("model_type") == "deepseek_v3"
+    config.pop("architectures")
+    config_cls, model_cls = (DeepseekV3Config, DeepseekV3ForCausalLM) if v3 else (DeepseekV2Config, DeepseekV2ForCausalLM)
+    return model_cls(config_cls(**config, attn_implementation="eager")).eval()
 
 
 def _hf_checkpoint_tensors(model) -> dict[str, torch.Tensor]:
@@ -103,9 +81,12 @@ def _randomize(hf_model, seed: int) -> None:
         # gates without renormalisation, two shared experts, no expert bias.
         TINY.with_overrides(q_lora_rank=None, score_function="softmax", normalize_topk=False,
                             expert_bias=False, num_groups=1, group_topk=1, route_scale=1.0,
-                            num_shared_experts=2),
+                            num_shared_experts=2, mtp_num_layers=0),
+        # 4 groups of 4 experts, top-4 from 1 group: Megatron-Core 0.19 alone would score a group by
+        # its top 4, DeepSeek (and transformers) by its top 2.
+        TINY.with_overrides(num_groups=4, group_topk=1, moe_router_topk=4),
     ],
-    ids=["dsv3-tiny", "dsv3-tiny-yarn", "v2-lite-style"],
+    ids=["dsv3-tiny", "dsv3-tiny-yarn", "v2-lite-style", "groups-top4-from-1"],
 )
 def test_logits_match_transformers_deepseek(preset, megatron_single_process):
     torch.manual_seed(0)
