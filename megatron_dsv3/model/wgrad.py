@@ -10,8 +10,11 @@ first out, as DeepSeek's reference).  An FP8 linear can queue its weight GEMM in
 
 A deferred weight gradient reaches the parameter through autograd itself (a backward on the leaf
 parameter with the computed gradient), so it lands where an undeferred one would: Megatron DDP's
-grad-ready hook adds it to ``main_grad`` and, with ``overlap_grad_reduce``, counts the parameter
-ready for its bucket's reduction; the distributed optimizer sees the same buffers.  Not deferring,
+grad-ready hook adds it to ``main_grad``; the distributed optimizer sees the same buffers.  The
+hook also fires at the deferring backward, for the weight that has no gradient yet: without
+``overlap_grad_reduce`` it skips it, with it Megatron asserts, so that combination is refused
+(``pipeline/constraints.py``; making the deferring backward hand DDP a zero gradient would allow it,
+not done).  Not deferring,
 these linears compute exactly what Megatron's own local linears compute (``grad_output^T x``).
 
 Transformer Engine defers its weight gradients with its own ``delay_wgrad_compute``; that path needs
