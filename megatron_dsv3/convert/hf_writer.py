@@ -1,0 +1,103 @@
+"""Writing a HuggingFace DeepSeek-V3 checkpoint in the released layout, one tensor at a time.
+
+The layout is DeepSeek's release (``../shared/FACTS.md``, "HuggingFace checkpoint conversion
+anchors"): per-expert names, shards ``model-00001-of-0000N.safetensors``, an index
+``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``) and the ``config.json`` of
+:func:`~megatron_dsv3.convert.hf_config.hf_config_from_preset`; transformers' ``from_pretrained``
+reads it (packing the experts itself).
+
+Streaming: the caller gives the whole ``plan`` (name, shape, dtype, in the order the tensors will
+come), so every shard's header is known before its first byte; each tensor is written as soon as
+it arrives and then dropped, so memory holds one tensor, whatever the shard size.  The folder is
+written into a temporary sibling and renamed at the end (:mod:`megatron_dsv3.convert.output_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from megatron_dsv3.convert.hf_config import hf_config_from_preset
+from megatron_dsv3.convert.hf_reader import INDEX
+from megatron_dsv3.convert.output_dir import prepare, publish
+from megatron_dsv3.convert.safetensors_format import encode_header, tensor_bytes
+from megatron_dsv3.model.presets import ModelPreset
+
+PlanItem = tuple[str, tuple[int, ...], torch.dtype]
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def shard_plan(plan: list[PlanItem], max_shard_bytes: int) -> list[list[PlanItem]]:
+    """``plan`` cut, in order, into shards of at most ``max_shard_bytes`` (a larger tensor alone)."""
+    shards: list[list[PlanItem]] = [[]]
+    size = 0
+    for item in plan:
+        nbytes = math.prod(item[1]) * item[2].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_hf_checkpoint(out_dir, preset: ModelPreset, tensors: Iterable[tuple[str, torch.Tensor]], *,
+                        plan: list[PlanItem], max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+                        progress: Callable[[int], None] | None = None) -> Path:
+    """Write ``tensors`` (``(name, tensor)`` pairs, in ``plan`` order) as the HF checkpoint of
+    ``preset`` in ``out_dir``; return ``out_dir``.  Each tensor must match its plan entry (name,
+    shape, dtype).  ``progress`` is called with each tensor's byte count once it is written.  An
+    existing non-empty ``out_dir`` is refused unless ``overwrite``."""
+    out_dir = Path(out_dir)
+    names = [name for name, _, _ in plan]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the plan names {next(n for n in names if names.count(n) > 1)} twice")
+    shards = shard_plan([(n, tuple(s), d) for n, s, d in plan], max_shard_bytes)
+    tmp = prepare(out_dir, overwrite=overwrite)
+    stream = iter(tensors)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = shard_name(i, len(shards))
+        total += _write_shard(tmp / file, shard, stream, progress)
+        weight_map.update({name: file for name, _, _ in shard})
+    extra = next(stream, None)
+    if extra is not None:
+        raise ValueError(f"the tensors go on past the plan's last entry: {extra[0]} is not in the plan")
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    dtype = _DTYPE_NAMES.get(_main_dtype(plan), "bfloat16")
+    (tmp / "config.json").write_text(json.dumps(hf_config_from_preset(preset, dtype=dtype), indent=2) + "\n")
+    publish(tmp, out_dir)
+    return out_dir
+
+
+def _main_dtype(plan: list[PlanItem]) -> torch.dtype | None:
+    """The embedding's dtype (the checkpoint's, as the reader takes it)."""
+    return next((d for n, _, d in plan if n == "model.embed_tokens.weight"), plan[0][2] if plan else None)
+
+
+def _write_shard(path: Path, shard: list[PlanItem], stream, progress) -> int:
+    header, records = encode_header(shard)
+    with open(path, "wb") as f:
+        f.write(header)
+        for (name, shape, dtype), record in zip(shard, records):
+            try:
+                got_name, tensor = next(stream)
+            except StopIteration:
+                raise ValueError(f"the tensors ended before the plan: {name} and what follows never came") from None
+            if got_name != name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(f"expected {name} {list(shape)} {dtype} (the plan's next entry), got {got_name}"
+                                 f" {list(tensor.shape)} {tensor.dtype}")
+            f.write(tensor_bytes(tensor))
+            del tensor
+            if progress is not None:
+                progress(record.nbytes)
+    return records[-1].end if records else 0
