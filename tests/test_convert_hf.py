@@ -34,7 +34,7 @@ SMALL = get_preset("dsv3-tiny").with_overrides(
     moe_ffn_hidden_size=32, moe_router_topk=2, num_groups=2, group_topk=1)
 
 # DeepSeek-V3's released config.json (config_671B.json in DeepSeek-V3/inference/configs and the
-# Hugging Face repository deepseek-ai/DeepSeek-V3), every field.
+# Hugging Face repository deepseek-ai/DeepSeek-V3), its fields as published.
 RELEASED_671B = {
     "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"}, "aux_loss_alpha": 0.001,
@@ -53,6 +53,24 @@ RELEASED_671B = {
     "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
     "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
     "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+# DeepSeek-V2-Lite's released config.json (deepseek-ai/DeepSeek-V2-Lite), its fields as published.
+RELEASED_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config"}, "aux_loss_alpha": 0.001,
+    "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "model_type": "deepseek_v2", "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
+    "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16,
+    "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+    "transformers_version": "4.39.3", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
 }
 
 
@@ -84,6 +102,10 @@ def test_released_671b_config_is_the_deepseek_v3_preset():
     got = preset_from_hf_config(RELEASED_671B)
     assert _model_fields(got) == _model_fields(get_preset("deepseek-v3"))
     assert got.seq_length == 163840 and got.init_method_std == 0.02 and got.seq_aux_loss_coeff == 0.001
+
+
+def test_released_v2_lite_config_is_the_deepseek_v2_lite_preset():
+    assert _model_fields(preset_from_hf_config(RELEASED_V2_LITE)) == _model_fields(get_preset("deepseek-v2-lite"))
 
 
 @pytest.mark.parametrize("field, value, shown, words", [
