@@ -40,14 +40,14 @@ BASE = dict(
 CONFIGS = {
     # v_head_dim 24 != qk_nope_head_dim 32; 2 groups, 1 per token; one dense layer; MTP.
     "mtp": dict(num_nextn_predict_layers=1),
-    # 4 groups of 2 experts, 1 group per token, top-4: Megatron's group score (top topk/group_topk = 4)
+    # 2 groups of 4 experts, 1 group per token, top-4: Megatron's group score (top topk/group_topk = 4)
     # and DeepSeek's (top 2) differ, so this checks the router follows DeepSeek.
-    "groups-4-top4": dict(n_group=4, topk_group=1, num_experts_per_tok=4, num_nextn_predict_layers=0),
+    "groups-top4-from-1": dict(n_group=2, topk_group=1, num_experts_per_tok=4, num_nextn_predict_layers=0),
     # Two dense layers, two shared experts, no query compression, no MTP.
     "dense2-shared2-noq": dict(first_k_dense_replace=2, n_shared_experts=2, q_lora_rank=None, num_hidden_layers=4,
                                num_nextn_predict_layers=0),
 }
-TOKENS = torch.randint(0, BASE["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(3))
+TOKENS = torch.randint(0, BASE["vocab_size"], (2, 49), generator=torch.Generator().manual_seed(3))
 
 
 def _hf_model(overrides: dict, seed: int = 0):
@@ -180,13 +180,23 @@ def test_export_gives_the_original_tensors_bit_for_bit(converted, megatron_singl
 
 
 def test_export_loads_in_transformers(converted, megatron_single_process):
-    from transformers import DeepseekV3ForCausalLM
-
+    """``from_pretrained`` on the exported folder, in a fresh process (as a serving job would load it),
+    gives the original model's logits."""
     back = converted["work"] / "hf-back-tf"
     run.megatron_to_hf(converted["out"], back, progress=False)
-    reloaded = DeepseekV3ForCausalLM.from_pretrained(back).eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(TOKENS).logits, converted["expected"])
+    torch.save(TOKENS, back.parent / "tokens.pt")
+    code = (
+        "import sys, torch\n"
+        "from transformers import DeepseekV3ForCausalLM\n"
+        "m = DeepseekV3ForCausalLM.from_pretrained(sys.argv[1], attn_implementation='eager').eval()\n"
+        "with torch.no_grad():\n"
+        "    torch.save(m(torch.load(sys.argv[2])).logits, sys.argv[3])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(back), str(back.parent / "tokens.pt"),
+                          str(back.parent / "logits.pt")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = torch.load(back.parent / "logits.pt")
+    assert torch.equal(got, converted["expected"])
 
 
 def test_bf16_round_trip_is_bit_identical(tmp_path, megatron_single_process):
@@ -314,8 +324,8 @@ def layouts_source(tmp_path_factory):
     return work, preset, release, reference
 
 
-@pytest.mark.parametrize("layout", [ParallelLayout(tp=2), ParallelLayout(ep=2), ParallelLayout(pp=2),
-                                    ParallelLayout(tp=2, ep=2)],
+@pytest.mark.parametrize("layout", [ParallelLayout(tp=2, sp=True), ParallelLayout(ep=2, dp=2), ParallelLayout(pp=2),
+                                    ParallelLayout(tp=2, ep=2, sp=True)],
                          ids=["tp2", "ep2", "pp2", "tp2-ep2"])
 def test_converted_checkpoint_loads_under_any_layout(layout, layouts_source):
     from megatron_dsv3.testing.distributed import run_distributed
@@ -357,16 +367,16 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(converted, mega
 def test_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, monkeypatch, megatron_single_process):
     from megatron_dsv3.convert import hf_reader
 
-    model, mtp = _hf_model(CONFIGS["groups-4-top4"], seed=3)
+    model, mtp = _hf_model(CONFIGS["groups-top4-from-1"], seed=3)
     _save_hf(model, mtp, tmp_path / "hf")
     calls = {"n": 0}
     original = hf_reader.HFCheckpoint.tensor
 
-    def failing(self, name):
+    def failing(self, name, **kw):
         calls["n"] += 1
         if calls["n"] == 20:
             raise KeyboardInterrupt
-        return original(self, name)
+        return original(self, name, **kw)
 
     monkeypatch.setattr(hf_reader.HFCheckpoint, "tensor", failing)
     with pytest.raises(BaseException):
@@ -391,6 +401,8 @@ def test_cli_converts_and_megatron_dsv3_train_starts_from_it(tmp_path):
     config.pop("model_type", None)
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**config)).eval()
+    with torch.no_grad():  # a zero head: uniform predictions, so step 1's loss is ln(vocab) if it loaded
+        model.lm_head.weight.zero_()
     _save_hf(model, preset.mtp_num_layers, tmp_path / "hf")
     exe = os.path.join(os.path.dirname(sys.executable), "megatron-dsv3")
     out = subprocess.run([exe, "convert", "hf-to-megatron", str(tmp_path / "hf"), str(tmp_path / "ckpt"),
@@ -398,10 +410,14 @@ def test_cli_converts_and_megatron_dsv3_train_starts_from_it(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "wrote" in out.stdout and "MB/s" in out.stdout
     train = subprocess.run([exe, "train", "dsv3-tiny-cpu", f"checkpoint.load={tmp_path / 'ckpt'}",
-                            f"checkpoint.save={tmp_path / 'run'}", "training.train_iters=2",
+                            f"checkpoint.save={tmp_path / 'run'}", "training.train_iters=2", "training.lr_warmup_iters=1",
                             "checkpoint.save_interval=2"], capture_output=True, text=True, timeout=900)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    assert "release" in (train.stdout + train.stderr) or (tmp_path / "run" / "iter_0000002").exists()
+    assert "loading release distributed checkpoint" in (tmp_path / "run" / "train.log").read_text()
+    import math
+
+    assert f"step 1/2 | loss {math.log(preset.vocab_size):.4f}" in train.stdout, train.stdout[-2000:]
+    assert (tmp_path / "run" / "iter_0000002").exists()
 
 
 def test_megatron_checkpoint_is_written_one_parameter_at_a_time(tmp_path, megatron_single_process):

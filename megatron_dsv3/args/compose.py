@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.model.presets import ModelPreset, get_preset
+from megatron_dsv3.model.presets import PRESETS, ModelPreset, get_preset
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.recipe.check import validate_recipe
 from megatron_dsv3.recipe.schema import ModelSection, ParallelSection, Recipe, TrainingSection
@@ -320,12 +320,13 @@ def preset_recipe(
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     layout = layout or ParallelLayout()
-    base = get_preset(preset.name)
+    # A preset made elsewhere (from a checkpoint's config) is deepseek-v3 with its differences.
+    base = get_preset(preset.name if preset.name in PRESETS else "deepseek-v3")
     overrides = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)
                  if f.name not in ("name", "description") and getattr(preset, f.name) != getattr(base, f.name)}
     recipe = Recipe(
         name=f"{preset.name}-test",
-        model=ModelSection(preset=preset.name, overrides=overrides),
+        model=ModelSection(preset=base.name, overrides=overrides),
         backend=backend,
         precision="fp32",
         parallel=ParallelSection(world_size=layout.world_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,

@@ -182,16 +182,10 @@ class HFCheckpoint:
 
 
 def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``w`` (E4M3) times its block scale, one per 128x128 block; the last row and column blocks may
-    be partial (DeepSeek-V3's 576-row ``kv_a_proj_with_mqa`` is 4.5 blocks).  Computed in fp32 (the
-    product of an E4M3 value and an fp32 scale is rounded once), one block row at a time so that
-    memory stays at one fp32 copy of ``w``."""
-    rows, cols = w.shape
-    br, bc = FP8_BLOCK
-    out = w.to(torch.float32)
-    for i in range(math.ceil(rows / br)):
-        out[i * br:(i + 1) * br] *= scale_inv[i].to(torch.float32).repeat_interleave(bc)[:cols]
-    return out.to(dtype)
+    """A released FP8 weight times its 128x128 block scales (:func:`megatron_dsv3.fp8.quantize.dequantize`)."""
+    from megatron_dsv3.fp8.quantize import dequantize
+
+    return dequantize(w, scale_inv, FP8_BLOCK, dtype)
 
 
 # ---- the checks ----------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ leaves something that looks complete, and a rerun starts cleanly.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 
 from megatron_dsv3.convert.megatron_io import DTYPES, MegatronCheckpoint, MetaModel, single_process, write_checkpoint
+from megatron_dsv3.convert.output_dir import prepare, publish
 from megatron_dsv3.convert.progress import Progress
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.hf_names import Mapping, mtp_copies, name_table
@@ -41,33 +40,6 @@ class Result:
     @property
     def mb_per_s(self) -> float:
         return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
-
-
-# ---- the output folder -------------------------------------------------------------------------
-def _temporary(out_dir: Path, overwrite: bool) -> Path:
-    """A fresh temporary sibling of ``out_dir`` (what an interrupted earlier run left is removed)."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ConfigError(f"{out_dir} exists and is not empty",
-                          fix="choose a new output folder, or pass --overwrite to replace it once the new one is "
-                              "complete")
-    tmp = out_dir.parent / f".{out_dir.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return tmp
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an old ``out_dir`` goes only after that."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 # ---- HF -> Megatron ----------------------------------------------------------------------------
@@ -100,10 +72,10 @@ def hf_to_megatron(hf_dir, out_dir, *, recipe: str | None = None, overrides: lis
                      "model has no MTP (model.mtp_num_layers: 0)")
     torch_dtype = _dtype(dtype, hf.dtype)
     table = {m.megatron: m for m in name_table(target, include_mtp=target.mtp_num_layers > 0)}
-    tmp = _temporary(out_dir, overwrite)
+    tmp = prepare(out_dir, overwrite=overwrite)
 
     def source(name: str) -> torch.Tensor:
-        return _join(table[name], [hf.tensor(h) for h in table[name].hf])
+        return _join(table[name], [hf.tensor(h, dtype=torch_dtype) for h in table[name].hf])
 
     with single_process():
         meta = MetaModel(target, torch_dtype)
@@ -112,7 +84,7 @@ def hf_to_megatron(hf_dir, out_dir, *, recipe: str | None = None, overrides: lis
         bar = Progress(f"hf-to-megatron {hf_dir.name}", total, enabled=progress)
         write_checkpoint(meta, tmp, source, threads=threads, progress=bar.add)
         bar.close()
-    _publish(tmp, out_dir)
+    publish(tmp, out_dir)
     return Result(out_dir, target, total, bar.seconds, notes)
 
 
@@ -153,16 +125,14 @@ def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_byt
         torch.float16 if getattr(ckpt.args, "fp16", False) else torch.float32)
     out_dtype = _dtype(dtype, stored)
     table = name_table(preset, include_mtp=preset.mtp_num_layers > 0)
-    if overwrite is False and out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} exists and is not empty",
-                          fix="choose a new output folder, or pass --overwrite to replace it once the new one is "
-                              "complete")
+    if not overwrite:
+        prepare(out_dir, overwrite=False)  # refuses a non-empty out_dir now, before the model is built
 
     with single_process():
         meta = MetaModel(preset, stored)
         _same_names(meta, {m.megatron: m for m in table})
         _check_shapes(ckpt, meta)
-        plan, order, copies = _export_plan(preset, meta, table, out_dtype)
+        plan, order, copies = export_plan(preset, meta, table, out_dtype)
         total = sum(_nbytes(shape, dt) for _, shape, dt in plan)
         bar = Progress(f"megatron-to-hf {ckpt_dir.name}", total, enabled=progress)
         pieces_of: dict[str, list] = {}
@@ -213,7 +183,7 @@ def _hf_dtype(hf_name: str, out_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if hf_name.endswith("e_score_correction_bias") else out_dtype
 
 
-def _export_plan(preset, meta: MetaModel, table: list[Mapping], out_dtype):
+def export_plan(preset, meta: MetaModel, table: list[Mapping], out_dtype):
     """``plan``: (HF name, shape, dtype) in the order they are written; ``order``: the Megatron
     parameters in the order they are read; ``copies``: HF name -> the MTP copies written after it."""
     plan, order = [], []

@@ -57,9 +57,20 @@ class BlockQuantized:
         return self.scale_inv.repeat_interleave(self.block[0], dim=0)[: self.data.shape[0]]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        rows, cols = self.data.shape
-        scale = self.scale_inv.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
-        return (self.data.to(torch.float32) * scale[:rows, :cols]).to(dtype)
+        return dequantize(self.data, self.scale_inv, self.block, dtype)
+
+
+def dequantize(data: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``data * scale_inv`` over ``block``-sized blocks (partial edge blocks included: DeepSeek-V3's
+    576-row ``kv_a_proj_with_mqa`` is 4.5 blocks of 128), in fp32 (an E4M3 value times an fp32 scale
+    is rounded once), then cast to ``dtype``.  One block row at a time, so memory stays at one fp32
+    copy of ``data`` (the checkpoint converter dequantises the released FP8 weights with it)."""
+    rows, cols = data.shape
+    out = data.to(torch.float32)
+    for i in range(_ceil_div(rows, block[0])):
+        out[i * block[0]:(i + 1) * block[0]] *= scale_inv[i].to(torch.float32).repeat_interleave(block[1])[:cols]
+    return out.to(dtype)
 
 
 def _ceil_div(a: int, b: int) -> int:

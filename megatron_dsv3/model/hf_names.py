@@ -147,3 +147,30 @@ def mtp_copies(p: ModelPreset) -> list[tuple[str, str]]:
     """``(HF name, Megatron name)`` of the copies each MTP layer of a released checkpoint holds."""
     return [(f"model.layers.{p.num_layers + k}.{hf}", meg)
             for k in range(p.mtp_num_layers) for hf, meg in _MTP_COPIES]
+
+
+def markdown() -> str:
+    """The table as ``docs/checkpoints.md`` shows it (``L``: a layer, ``E``: an expert, ``M``: an
+    MTP layer, stored by HF as layer ``num_layers + M``); tests check the doc holds it."""
+    rows = [("embedding.word_embeddings.weight", "model.embed_tokens.weight", "copy"),
+            ("decoder.final_layernorm.weight", "model.norm.weight", "copy"),
+            ("output_layer.weight", "lm_head.weight", "copy")]
+
+    def add(meg_prefix: str, hf_prefix: str, entries, note: str = "") -> None:
+        for meg, hf, transform in entries:
+            hf = (hf,) if isinstance(hf, str) else hf
+            meg = meg.replace("{e}", "E")
+            names = " + ".join(hf_prefix + h.replace("{e}", "E") for h in hf)
+            rows.append((meg_prefix + meg, names, transform + note))
+
+    add("decoder.layers.L.", "model.layers.L.", _ATTENTION)
+    add("decoder.layers.L.", "model.layers.L.", _DENSE_MLP, " (dense layers)")
+    add("decoder.layers.L.", "model.layers.L.", _MOE, " (MoE layers)")
+    add("decoder.layers.L.", "model.layers.L.", _EXPERT, " (MoE layers)")
+    add("mtp.layers.M.", "model.layers.(num_layers+M).", _MTP)
+    rows.append(("mtp.layers.M.mtp_model_layer.*", "model.layers.(num_layers+M).*", "as a decoder layer"))
+    for hf, meg in _MTP_COPIES:
+        rows.append((meg, f"model.layers.(num_layers+M).{hf}", "export only (a copy)"))
+    out = ["| Megatron (`--spec dsv3`) | HuggingFace (DeepSeek-V3 release) | transform |", "| --- | --- | --- |"]
+    out += [f"| `{m}` | `{h}` | {t} |" for m, h, t in rows]
+    return "\n".join(out) + "\n"

@@ -129,6 +129,8 @@ def save_weights(chunks, directory: str) -> None:
 def _split_by_chunk(state: dict, num_chunks: int) -> list[dict]:
     per_chunk = [{} for _ in range(num_chunks)]
     for key, value in state.items():
+        if not key.startswith("chunk"):  # the checkpoint's common state (args, iteration, ...)
+            continue
         prefix, name = key.split(".", 1)
         per_chunk[int(prefix[len("chunk"):])][name] = value
     return per_chunk
