@@ -262,23 +262,6 @@ def test_fp8_checkpoint_imports_within_its_quantisation_error(tmp_path, megatron
         assert ((got - ref).abs() <= bound).all(), name
 
 
-def _losses_under(workdir: str, layout: ParallelLayout, preset, release: str, save: str | None = None) -> dict:
-    from megatron.core import parallel_state
-
-    from megatron_dsv3.testing import parallel
-
-    parallel.init_parallel(layout, preset=preset)
-    config, args, chunks = parallel.build_chunks(preset, layout, ddp=False)
-    parallel.load_weights(chunks, release)
-    batch = next(parallel._microbatches(TOKENS, 2))
-    with torch.no_grad():
-        loss = parallel.pipeline_forward(chunks, config, batch)
-    if save:
-        _save_with_args(chunks, args, save)
-    return {"loss": None if loss is None else loss.float(),
-            "last": parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0}
-
-
 def _save_with_args(chunks, args, directory: str) -> None:
     """A step folder as Megatron's training loop writes it: the model's shards in this layout and the
     run's arguments (which the exporter reads the model from)."""
@@ -290,19 +273,26 @@ def _save_with_args(chunks, args, directory: str) -> None:
     dist_checkpointing.save({**parallel._sharded_state_dict(chunks), "args": args}, directory)
 
 
-def _tp_forward(workdir: str, layout: ParallelLayout, preset, release: str, save: str | None = None) -> dict:
-    """TP/EP: the whole model on each rank's shard, the loss from Megatron's vocab-parallel CE."""
+def _losses_under(workdir: str, layout: ParallelLayout, preset, release: str, save: str | None = None) -> dict:
+    """The converted checkpoint loaded under ``layout``: per-token losses (the stages in order under
+    PP; the whole model on each rank's shard under TP/EP, with Megatron's vocab-parallel CE)."""
+    from megatron.core import parallel_state
+
     from megatron_dsv3.testing import parallel
 
     parallel.init_parallel(layout, preset=preset)
-    _, args, chunks = parallel.build_chunks(preset, layout, ddp=False)
+    config, args, chunks = parallel.build_chunks(preset, layout, ddp=False)
     parallel.load_weights(chunks, release)
     batch = next(parallel._microbatches(TOKENS, 2))
     with torch.no_grad():
-        loss = chunks[0](batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        if layout.pp > 1:
+            loss = parallel.pipeline_forward(chunks, config, batch)
+        else:
+            loss = chunks[0](batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     if save:
         _save_with_args(chunks, args, save)
-    return {"loss": loss.float(), "last": True}
+    last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    return {"loss": None if loss is None else loss.float(), "last": last or layout.pp == 1}
 
 
 def _preset_of(hf_dir):
@@ -320,7 +310,7 @@ def layouts_source(tmp_path_factory):
     run.hf_to_megatron(work / "hf", work / "megatron", progress=False)
     preset = _preset_of(work / "hf")
     release = str(work / "megatron" / "release")
-    reference = run_distributed(_tp_forward, 1, str(work), ParallelLayout(), preset, release)[0]["loss"]
+    reference = run_distributed(_losses_under, 1, str(work), ParallelLayout(), preset, release)[0]["loss"]
     return work, preset, release, reference
 
 
@@ -333,8 +323,7 @@ def test_converted_checkpoint_loads_under_any_layout(layout, layouts_source):
     work, preset, release, reference = layouts_source
     name = f"tp{layout.tp}-ep{layout.ep}-pp{layout.pp}"
     save = str(work / f"saved-{name}") if layout.tp * layout.ep > 1 else None
-    fn = _losses_under if layout.pp > 1 else _tp_forward
-    results = run_distributed(fn, layout.world_size, str(work), layout, preset, release, save)
+    results = run_distributed(_losses_under, layout.world_size, str(work), layout, preset, release, save)
     losses = [r["loss"] for r in results if r["loss"] is not None and r["last"]]
     assert losses
     for loss in losses:
@@ -479,3 +468,13 @@ def test_exporting_a_folder_that_is_not_a_checkpoint_says_what_to_give(tmp_path)
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("40")
     with pytest.raises(ConfigError, match="iter_0000040"):
         run.megatron_to_hf(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_docs_name_table_is_the_code_table():
+    from pathlib import Path
+
+    from megatron_dsv3.model.hf_names import markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md").read_text()
+    section = doc.split("<!-- names:begin -->\n", 1)[1].split("<!-- names:end -->", 1)[0]
+    assert section == markdown(), "docs/checkpoints.md names section is stale: regenerate it from hf_names.markdown()"

@@ -17,9 +17,12 @@ names but not required.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
+import struct
 import threading
 from pathlib import Path
 
@@ -98,7 +101,8 @@ class HFCheckpoint:
         # The dtype of the unquantised weights: the embedding's (the router weight may be fp32
         # where the rest is bf16, as transformers keeps it, and the expert bias is fp32 in the release).
         self.dtype: torch.dtype = DTYPES[stored["model.embed_tokens.weight"][1].dtype]
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, int] = {}
+        self._starts: dict[Path, int] = {}
         self._lock = threading.Lock()
 
     # ---- opening: everything is checked here --------------------------------------------------
@@ -142,21 +146,36 @@ class HFCheckpoint:
         (``w * scale_inv`` per 128x128 block, partial edge blocks included) and cast to ``dtype``,
         by default :attr:`dtype`; other tensors come as stored."""
         stored, expert, half = self._source(name)
-        shard = self._stored[stored][0]
-        handle = self._handle(shard)
-        if expert is None:
-            t = handle.get_tensor(stored)
-        else:
-            t = handle.get_slice(stored)[expert]
-            if half is not None:
-                rows = t.shape[0] // 2
-                t = t[half * rows:(half + 1) * rows]
+        shard, entry = self._stored[stored]
+        t = self._read(shard, entry, expert, half)
         if t.dtype == torch.float8_e4m3fn:  # dequantising makes a new tensor
-            scale_shard = self._stored[stored + SCALE][0]
-            return dequantize_fp8(t, self._handle(scale_shard).get_tensor(stored + SCALE), dtype or self.dtype)
-        # safetensors 0.8 returns views of its memory map: a copy keeps the map from being pinned
-        # (tests/test_convert_hf.py rewrites the file under a tensor read to check this).
-        return t.clone(memory_format=torch.contiguous_format)
+            scale_shard, scale_entry = self._stored[stored + SCALE]
+            return dequantize_fp8(t, self._read(scale_shard, scale_entry, None, None), dtype or self.dtype)
+        return t
+
+    def _read(self, shard: Path, entry: Entry, expert: int | None, half: int | None) -> torch.Tensor:
+        """The bytes of one tensor (or one expert of a packed tensor, or half of that) read straight
+        into a new tensor: no memory map, so nothing of the file stays resident in this process and
+        the tensor owns its memory (tests/test_convert_hf.py rewrites the file under a read)."""
+        dtype = DTYPES[entry.dtype]
+        shape, offset = tuple(entry.shape), entry.begin
+        if expert is not None:
+            shape = shape[1:]
+            offset += expert * math.prod(shape) * dtype.itemsize
+            if half is not None:
+                shape = (shape[0] // 2, *shape[1:])
+                offset += half * math.prod(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view, fd, start, done = memoryview(buffer.numpy()), self._handle(shard), self._data_start(shard), 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], start + offset + done)
+            if n <= 0:
+                raise ConfigError(f"{shard.name}: tensor {entry.name} could not be read (the file changed or was "
+                                  "truncated after it was checked)", fix=f"download {shard.name} again",
+                                  key=entry.name, where=str(shard))
+            done += n
+        return buffer.view(dtype).reshape(shape)
 
     def _source(self, name: str):
         try:
@@ -165,20 +184,33 @@ class HFCheckpoint:
             raise KeyError(f"{self.path}: no tensor {name!r}"
                            f"{_suggest(name, list(self._sources))}") from None
 
-    def _handle(self, shard: Path):
-        handle = self._handles.get(shard)
-        if handle is None:
-            from safetensors import safe_open
-
+    def _handle(self, shard: Path) -> int:
+        """A read-only file descriptor per shard, shared by the threads (``pread`` has no file position)."""
+        fd = self._handles.get(shard)
+        if fd is None:
             with self._lock:
-                handle = self._handles.get(shard)
-                if handle is None:
-                    handle = self._handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
-        return handle
+                fd = self._handles.get(shard)
+                if fd is None:
+                    fd = self._handles[shard] = os.open(shard, os.O_RDONLY)
+        return fd
+
+    def _data_start(self, shard: Path) -> int:
+        start = self._starts.get(shard)
+        if start is None:
+            with open(shard, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+            start = self._starts[shard] = 8 + n
+        return start
 
     def close(self) -> None:
         with self._lock:
+            for fd in self._handles.values():
+                os.close(fd)
             self._handles.clear()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

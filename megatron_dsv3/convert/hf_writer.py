@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import torch
 
 from megatron_dsv3.convert.hf_config import hf_config_from_preset
+from megatron_dsv3.convert.batching import split_by_bytes
 from megatron_dsv3.convert.hf_reader import INDEX
 from megatron_dsv3.convert.output_dir import prepare, publish
 from megatron_dsv3.convert.safetensors_format import encode_header, tensor_bytes
@@ -33,16 +34,7 @@ _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.floa
 
 def shard_plan(plan: list[PlanItem], max_shard_bytes: int) -> list[list[PlanItem]]:
     """``plan`` cut, in order, into shards of at most ``max_shard_bytes`` (a larger tensor alone)."""
-    shards: list[list[PlanItem]] = [[]]
-    size = 0
-    for item in plan:
-        nbytes = math.prod(item[1]) * item[2].itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += nbytes
-    return shards
+    return split_by_bytes(plan, lambda item: math.prod(item[1]) * item[2].itemsize, max_shard_bytes)
 
 
 def shard_name(i: int, n: int) -> str:

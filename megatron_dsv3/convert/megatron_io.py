@@ -37,6 +37,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from megatron_dsv3.convert.batching import split_by_bytes
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.presets import ModelPreset
 
@@ -186,14 +187,8 @@ def _planner_classes():
 
         def write_data(self, plan, planner):
             prefix = plan.storage_data.prefix
-            groups, size = [[]], 0
-            for item in plan.items:  # plan order is model order: a parameter's pieces stay together
-                item_bytes = _item_bytes(item)
-                if groups[-1] and size + item_bytes > self.file_bytes:
-                    groups.append([])
-                    size = 0
-                groups[-1].append(item)
-                size += item_bytes
+            # Plan order is model order: a parameter's pieces mostly land in one file.
+            groups = split_by_bytes(list(plan.items), _item_bytes, self.file_bytes)
 
             def write_file(index: int, items: list) -> list:
                 file_name = f"{prefix}{index}.distcp"
@@ -311,7 +306,8 @@ def write_checkpoint(
 
     def resolve(index, like: torch.Tensor) -> torch.Tensor:
         piece = pieces[(index.fqn, tuple(index.offset))]
-        data = piece.cut(cache.get(piece.name)).reshape(like.shape).to(like.dtype).clone()
+        # No copy here: the writer copies a view (a SwiGLU half) out of its parameter when it saves it.
+        data = piece.cut(cache.get(piece.name)).reshape(like.shape).to(like.dtype)
         if progress:
             progress(piece.nbytes)
         return data

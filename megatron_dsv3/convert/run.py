@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_dsv3.convert.batching import split_by_bytes
 from megatron_dsv3.convert.megatron_io import DTYPES, MegatronCheckpoint, MetaModel, single_process, write_checkpoint
 from megatron_dsv3.convert.output_dir import prepare, publish
 from megatron_dsv3.convert.progress import Progress
@@ -212,15 +213,7 @@ def _split(m: Mapping, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
 
 
 def _groups(order: list[str], meta: MetaModel, batch_bytes: int) -> list[list[str]]:
-    groups, size = [[]], 0
-    for name in order:
-        nbytes = meta.params[name].numel() * meta.params[name].element_size()
-        if groups[-1] and size + nbytes > batch_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    return groups
+    return split_by_bytes(order, lambda n: meta.params[n].numel() * meta.params[n].element_size(), batch_bytes)
 
 
 def _check_shapes(ckpt: MegatronCheckpoint, meta: MetaModel) -> None:

@@ -4,8 +4,9 @@ A file is an 8-byte little-endian header length ``N``, ``N`` bytes of JSON mappi
 to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets into the data that follows; an
 optional ``"__metadata__"`` of strings), then the tensors' bytes, back to back with no gaps
 (https://github.com/huggingface/safetensors, "Format").  The reader checks headers itself so that a
-bad checkpoint is refused before anything is converted; tensors are then read with safetensors'
-own ``safe_open``, and written here so that a shard is streamed one tensor at a time.
+bad checkpoint is refused before anything is converted; tensors are then read straight from their
+byte ranges (:class:`~megatron_dsv3.convert.hf_reader.HFCheckpoint`), and written here so that a
+shard is streamed one tensor at a time.
 """
 
 from __future__ import annotations
