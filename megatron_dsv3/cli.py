@@ -105,7 +105,8 @@ def cmd_convert(ns: argparse.Namespace) -> int:
         if ns.recipe or ns.overrides:
             raise ConfigError("--recipe is for hf-to-megatron; a Megatron checkpoint records its own model",
                               fix="drop --recipe", key="--recipe")
-        result = run.megatron_to_hf(ns.source, ns.out, dtype=ns.dtype, max_shard_bytes=int(ns.max_shard_size * 1e9),
+        shard = int(ns.max_shard_size * 1e9) if ns.max_shard_size else None
+        result = run.megatron_to_hf(ns.source, ns.out, dtype=ns.dtype, max_shard_bytes=shard,
                                     threads=ns.threads, overwrite=ns.overwrite, progress=not ns.quiet)
         loads = f"transformers: AutoModelForCausalLM.from_pretrained({str(result.out_dir)!r})"
     for note in result.notes:
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (with --recipe)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the source's)")
     p.add_argument("--threads", type=int, default=2, help="tensors read and written concurrently (default 2)")
-    p.add_argument("--max-shard-size", type=float, default=5.0,
+    p.add_argument("--max-shard-size", type=float, default=None,
                    help="megatron-to-hf: GB per safetensors shard (default 5)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT once the new one is complete")
     p.add_argument("--quiet", action="store_true", help="no progress line")

@@ -364,11 +364,11 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, mon
     def failing(self, name, **kw):
         calls["n"] += 1
         if calls["n"] == 20:
-            raise KeyboardInterrupt
+            raise RuntimeError("simulated interruption")
         return original(self, name, **kw)
 
     monkeypatch.setattr(hf_reader.HFCheckpoint, "tensor", failing)
-    with pytest.raises(BaseException):
+    with pytest.raises(RuntimeError, match="simulated interruption"):
         run.hf_to_megatron(tmp_path / "hf", tmp_path / "out", progress=False, threads=1)
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr(hf_reader.HFCheckpoint, "tensor", original)

@@ -147,6 +147,10 @@ def preset_from_hf_config(config: dict, *, name: str = "hf", where: str = "confi
     fields.setdefault("init_method_std", 0.02)  # transformers' default initializer_range
     fields.setdefault("seq_length", 4096)
     fields.setdefault("tie_embeddings", False)
+    if fields["tie_embeddings"]:
+        # DeepSeek's models untie them; the name table and the MTP copies assume an lm_head.
+        raise _refuse(where, "tie_word_embeddings", True, "DeepSeek-V3 and V2 keep a separate output head and the"
+                      " converter maps one", "set tie_word_embeddings to false (and store lm_head.weight)")
     preset = ModelPreset(name=name, description=f"from a HuggingFace {model_type} config.json", **fields)
     try:
         validate_model(preset)
@@ -174,8 +178,8 @@ def _routing(config: dict, model_type: str, where: str) -> dict:
         groups = group_topk = 1  # greedy ignores groups (transformers' DeepseekV2Moe)
     elif method == "group_limited_greedy":
         raise _refuse(where, "topk_method", method, f"with n_group={groups} DeepSeek-V2 scores a group by its best"
-                      " expert, Megatron by its top two", "no fix within this converter (DeepSeek-V2-Lite, with one"
-                      " group, converts)")
+                      " expert, Megatron by its top two", "this model cannot be converted: no Megatron router computes"
+                      " it (DeepSeek-V2-Lite's config, with one group, converts)")
     else:
         raise _refuse(where, "topk_method", method, "DeepSeek-V2 knows 'greedy' and 'group_limited_greedy'",
                       "use topk_method 'greedy'")
@@ -242,7 +246,9 @@ def hf_config_from_preset(p: ModelPreset, *, dtype: str = "bfloat16") -> dict:
     v3 = p.score_function == "sigmoid"
     if v3 and not p.expert_bias:
         raise ConfigError(f"model {p.name}: sigmoid routing without an expert bias has no DeepSeek-V3 config",
-                          fix="set model.expert_bias: true to export", key="expert_bias")
+                          fix="this model has no HuggingFace DeepSeek layout to export to (DeepSeek-V3's router"
+                              " always has the expert bias); train with model.expert_bias: true to export",
+                          key="expert_bias")
     if not v3 and (p.num_groups > 1 or p.mtp_num_layers):
         raise ConfigError(f"model {p.name}: softmax routing exports as DeepSeek-V2, which has neither groups"
                           f" scored by their top two (num_groups={p.num_groups}) nor MTP"

@@ -208,6 +208,12 @@ class HFCheckpoint:
                 os.close(fd)
             self._handles.clear()
 
+    def __enter__(self) -> "HFCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
@@ -276,11 +282,11 @@ def _stored_tensors(path: Path) -> dict[str, tuple[Path, Entry]]:
                 raise ConfigError(f"{INDEX} puts {name} in {file}, whose header has no such tensor",
                                   fix=f"download {file} again, or restore the index", key=name, where=str(shard))
         for name, entry in entries.items():
+            if weight_map is not None and weight_map.get(name) not in (None, file):
+                continue  # the index places this name in another shard; that copy is the one read
             if name in stored:
                 raise ConfigError(f"{name} is stored twice, in {stored[name][0].name} and {file}",
                                   fix="remove one copy", key=name, where=str(shard))
-            if weight_map is not None and weight_map.get(name) not in (None, file):
-                continue  # the index places this name in another shard; that copy is the one read
             stored[name] = (shard, entry)
     return stored
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -29,6 +30,7 @@ from megatron_dsv3.convert.safetensors_format import encode_header, tensor_bytes
 from megatron_dsv3.model.presets import ModelPreset
 
 PlanItem = tuple[str, tuple[int, ...], torch.dtype]
+DEFAULT_SHARD_BYTES = 5 * 10**9  # DeepSeek's release has shards of about 4.3 GB
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -42,7 +44,7 @@ def shard_name(i: int, n: int) -> str:
 
 
 def write_hf_checkpoint(out_dir, preset: ModelPreset, tensors: Iterable[tuple[str, torch.Tensor]], *,
-                        plan: list[PlanItem], max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+                        plan: list[PlanItem], max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
                         progress: Callable[[int], None] | None = None) -> Path:
     """Write ``tensors`` (``(name, tensor)`` pairs, in ``plan`` order) as the HF checkpoint of
     ``preset`` in ``out_dir``; return ``out_dir``.  Each tensor must match its plan entry (name,
@@ -53,6 +55,8 @@ def write_hf_checkpoint(out_dir, preset: ModelPreset, tensors: Iterable[tuple[st
     if len(set(names)) != len(names):
         raise ValueError(f"the plan names {next(n for n in names if names.count(n) > 1)} twice")
     shards = shard_plan([(n, tuple(s), d) for n, s, d in plan], max_shard_bytes)
+    dtype = _DTYPE_NAMES.get(_main_dtype(plan), "bfloat16")
+    config = hf_config_from_preset(preset, dtype=dtype)  # refuses a model with no HF layout before any write
     tmp = prepare(out_dir, overwrite=overwrite)
     stream = iter(tensors)
     weight_map, total = {}, 0
@@ -64,9 +68,8 @@ def write_hf_checkpoint(out_dir, preset: ModelPreset, tensors: Iterable[tuple[st
     if extra is not None:
         raise ValueError(f"the tensors go on past the plan's last entry: {extra[0]} is not in the plan")
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    dtype = _DTYPE_NAMES.get(_main_dtype(plan), "bfloat16")
-    (tmp / "config.json").write_text(json.dumps(hf_config_from_preset(preset, dtype=dtype), indent=2) + "\n")
+    _write_synced(tmp / INDEX, json.dumps(index, indent=2) + "\n")
+    _write_synced(tmp / "config.json", json.dumps(config, indent=2) + "\n")
     publish(tmp, out_dir)
     return out_dir
 
@@ -92,4 +95,13 @@ def _write_shard(path: Path, shard: list[PlanItem], stream, progress) -> int:
             del tensor
             if progress is not None:
                 progress(record.nbytes)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the folder is renamed into place
     return records[-1].end if records else 0
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

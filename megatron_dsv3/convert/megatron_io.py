@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -50,13 +51,15 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 @contextlib.contextmanager
 def single_process():
     """CPU mode, the plugin active, a one-process gloo group and Megatron's parallel state (TP = PP =
-    EP = 1): what building a model needs.  Everything is torn down on exit."""
+    EP = 1): what building a model needs.  The group, the parallel state and CPU mode are undone on
+    exit when this started them (the plugin stays active: its changes only matter to Megatron)."""
     from megatron.core import parallel_state
 
-    from megatron_dsv3.cpu import enable_cpu_mode
+    from megatron_dsv3.cpu import disable_cpu_mode, enable_cpu_mode, is_cpu_mode
     from megatron_dsv3.launch import activate
 
     activate(source="converter")
+    cpu_before = is_cpu_mode()
     enable_cpu_mode()
     started = not torch.distributed.is_initialized()
     with tempfile.TemporaryDirectory(prefix="megatron-dsv3-convert-") as store:
@@ -72,6 +75,8 @@ def single_process():
             if started:
                 parallel_state.destroy_model_parallel()
                 torch.distributed.destroy_process_group()
+            if not cpu_before:  # PyTorch as it was (a library caller goes on in this process)
+                disable_cpu_mode()
 
 
 def megatron_args(preset: ModelPreset, dtype: torch.dtype) -> argparse.Namespace:
@@ -316,9 +321,27 @@ def write_checkpoint(
     release.mkdir(parents=True)
     state = {"model": meta.sharded_state_dict, "args": meta.args, "checkpoint_version": 3.0, "iteration": 0,
              "num_floating_point_operations_so_far": 0}
-    dist_checkpointing.save(state, str(release),
-                            sharded_strategy=_streaming_strategy(resolve, threads=threads, file_bytes=file_bytes))
-    (out_dir / TRACKER).write_text(RELEASE)
+    try:
+        dist_checkpointing.save(state, str(release),
+                                sharded_strategy=_streaming_strategy(resolve, threads=threads, file_bytes=file_bytes))
+    except BaseException as err:  # PyTorch's CheckpointException derives from BaseException
+        raise _unwrapped(err) from None
+
+    with open(out_dir / TRACKER, "w") as f:  # on disk before the folder is renamed into place
+        f.write(RELEASE)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _unwrapped(err: BaseException) -> BaseException:
+    """The error a tensor's source raised, out of PyTorch's ``CheckpointException`` (which holds
+    each rank's failure as ``(exception, traceback summary)``), so a bad input reads as our own
+    error and not as a checkpointing one."""
+    for failure in (getattr(err, "failures", None) or {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException):
+            return inner
+    return err
 
 
 def _checked(name: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -364,10 +387,17 @@ class MegatronCheckpoint:
                                   fix="export with the model the checkpoint was trained as (its args decide it)")
         reader = self._reader_cls(str(self.step_dir))
         reader.read_metadata = lambda *a, **k: self.metadata  # parsed once, not once per call
-        dcp_load({}, storage_reader=reader, planner=_box_planner(requests, self.metadata))
+        planner = _box_planner_class()(requests, self.metadata)
+        try:
+            dcp_load({}, storage_reader=reader, planner=planner)
+        finally:
+            planner.release()  # no view of the caller's buffers outlives the read
 
 
-def _box_planner(requests, metadata):
+@functools.cache
+def _box_planner_class():
+    """Made once: a class made per read would sit in a reference cycle (as classes do) holding its
+    closure's buffers until a garbage collection, so reads would pile up in memory."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
@@ -376,22 +406,20 @@ def _box_planner(requests, metadata):
     class BoxPlanner(DefaultLoadPlanner):
         """Reads region ``piece`` of each global tensor into ``piece.cut(buffer)``."""
 
-        def __init__(self):
+        def __init__(self, requests, metadata):
             super().__init__(allow_partial_load=True)
+            self.requests, self.checkpoint_metadata = requests, metadata
             self.targets = {}
 
         def create_local_plan(self):
             items = []
-            for piece, buffer in requests:
-                chunk_shape = metadata.state_dict_metadata[piece.key].chunks[0].sizes
-                prepend = len(chunk_shape) - len(piece.shape)
+            for piece, buffer in self.requests:
+                md = self.checkpoint_metadata.state_dict_metadata[piece.key]
+                prepend = len(md.chunks[0].sizes) - len(piece.shape)
                 sizes = torch.Size((1,) * prepend + piece.shape)
-                target = piece.cut(buffer).view(sizes)
-                self.targets[(piece.key, piece.offset)] = target
+                self.targets[(piece.key, piece.offset)] = piece.cut(buffer).view(sizes)
                 items += create_read_items_for_chunk_list(
-                    piece.key, metadata.state_dict_metadata[piece.key],
-                    [ChunkStorageMetadata(offsets=torch.Size(piece.offset), sizes=sizes)],
-                )
+                    piece.key, md, [ChunkStorageMetadata(offsets=torch.Size(piece.offset), sizes=sizes)])
             self.plan = LoadPlan(items)
             return self.plan
 
@@ -404,7 +432,10 @@ def _box_planner(requests, metadata):
         def commit_tensor(self, read_item, tensor):
             pass  # resolve_tensor handed out a view of the buffer: the data is already there
 
-    return BoxPlanner()
+        def release(self) -> None:
+            self.requests, self.targets = [], {}
+
+    return BoxPlanner
 
 
 def _step_folder(path: Path) -> Path:

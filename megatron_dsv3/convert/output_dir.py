@@ -18,13 +18,20 @@ def temporary_sibling(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.partial"
 
 
-def prepare(out_dir: Path, *, overwrite: bool) -> Path:
-    """A fresh, empty temporary sibling of ``out_dir`` (what an interrupted earlier run left is removed)."""
+def refuse_existing(out_dir: Path) -> None:
+    """An error if ``out_dir`` exists and is not empty (checked before any work, and again by :func:`prepare`)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"{out_dir} exists and is not empty",
                           fix="choose a new output folder, or pass --overwrite to replace it once the new one is"
                               " complete", where=str(out_dir))
+
+
+def prepare(out_dir: Path, *, overwrite: bool) -> Path:
+    """A fresh, empty temporary sibling of ``out_dir`` (what an interrupted earlier run left is removed)."""
+    out_dir = Path(out_dir)
+    if not overwrite:
+        refuse_existing(out_dir)
     tmp = temporary_sibling(out_dir)
     if tmp.exists():
         shutil.rmtree(tmp)

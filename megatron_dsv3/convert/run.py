@@ -23,7 +23,7 @@ import torch
 
 from megatron_dsv3.convert.batching import split_by_bytes
 from megatron_dsv3.convert.megatron_io import DTYPES, MegatronCheckpoint, MetaModel, single_process, write_checkpoint
-from megatron_dsv3.convert.output_dir import prepare, publish
+from megatron_dsv3.convert.output_dir import prepare, publish, refuse_existing
 from megatron_dsv3.convert.progress import Progress
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.hf_names import Mapping, mtp_copies, name_table
@@ -60,7 +60,11 @@ def hf_to_megatron(hf_dir, out_dir, *, recipe: str | None = None, overrides: lis
         from megatron_dsv3.recipe import load_recipe
 
         target = load_recipe(recipe, overrides or []).preset
-    hf = HFCheckpoint.open(hf_dir, recipe_preset=target)
+    with HFCheckpoint.open(hf_dir, recipe_preset=target) as hf:
+        return _import(hf, hf_dir, out_dir, target, dtype, threads, overwrite, progress)
+
+
+def _import(hf, hf_dir: Path, out_dir: Path, target, dtype, threads: int, overwrite: bool, progress: bool) -> Result:
     target = target or hf.preset
     notes = []
     if target.mtp_num_layers and not hf.has_mtp:
@@ -73,7 +77,8 @@ def hf_to_megatron(hf_dir, out_dir, *, recipe: str | None = None, overrides: lis
                      "model has no MTP (model.mtp_num_layers: 0)")
     torch_dtype = _dtype(dtype, hf.dtype)
     table = {m.megatron: m for m in name_table(target, include_mtp=target.mtp_num_layers > 0)}
-    tmp = prepare(out_dir, overwrite=overwrite)
+    if not overwrite:
+        refuse_existing(out_dir)
 
     def source(name: str) -> torch.Tensor:
         return _join(table[name], [hf.tensor(h, dtype=torch_dtype) for h in table[name].hf])
@@ -82,6 +87,7 @@ def hf_to_megatron(hf_dir, out_dir, *, recipe: str | None = None, overrides: lis
         meta = MetaModel(target, torch_dtype)
         _same_names(meta, table)
         total = sum(p.nbytes for p in meta.pieces)
+        tmp = prepare(out_dir, overwrite=overwrite)
         bar = Progress(f"hf-to-megatron {hf_dir.name}", total, enabled=progress)
         write_checkpoint(meta, tmp, source, threads=threads, progress=bar.add)
         bar.close()
@@ -110,14 +116,14 @@ def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
 
 
 # ---- Megatron -> HF ----------------------------------------------------------------------------
-def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_bytes: int = 5 * 10**9,
+def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_bytes: int | None = None,
                    threads: int = 2, overwrite: bool = False, progress: bool = True,
                    read_batch_bytes: int = 256 * 2**20) -> Result:
     """Convert the Megatron checkpoint ``ckpt_dir`` (a save folder or one step of it, saved under any
     parallel layout) to the released HF layout in ``out_dir``.  ``dtype`` defaults to the run's
     (``--bf16`` -> bfloat16); the router's expert bias stays float32, as in the release."""
     from megatron_dsv3.args.compose import preset_from_args
-    from megatron_dsv3.convert.hf_writer import write_hf_checkpoint
+    from megatron_dsv3.convert.hf_writer import DEFAULT_SHARD_BYTES, write_hf_checkpoint
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     ckpt = MegatronCheckpoint(ckpt_dir)
@@ -127,7 +133,10 @@ def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_byt
     out_dtype = _dtype(dtype, stored)
     table = name_table(preset, include_mtp=preset.mtp_num_layers > 0)
     if not overwrite:
-        prepare(out_dir, overwrite=False)  # refuses a non-empty out_dir now, before the model is built
+        refuse_existing(out_dir)  # now, before the model is built
+    from megatron_dsv3.convert.hf_config import hf_config_from_preset
+
+    hf_config_from_preset(preset)  # a model with no HF layout is refused before anything is read
 
     with single_process():
         meta = MetaModel(preset, stored)
@@ -166,7 +175,7 @@ def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_byt
 
         by_megatron = {m.megatron: m for m in table}
         plan_dtype = {name: dt for name, _, dt in plan}
-        write_hf_checkpoint(out_dir, preset, tensors(), plan=plan, max_shard_bytes=max_shard_bytes,
+        write_hf_checkpoint(out_dir, preset, tensors(), plan=plan, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
                             overwrite=overwrite)
         bar.close()
     return Result(out_dir, preset, total, bar.seconds, [])
