@@ -314,9 +314,10 @@ def layouts_source(tmp_path_factory):
     return work, preset, release, reference
 
 
-@pytest.mark.parametrize("layout", [ParallelLayout(tp=2, sp=True), ParallelLayout(ep=2, dp=2), ParallelLayout(pp=2),
-                                    ParallelLayout(tp=2, ep=2, sp=True)],
-                         ids=["tp2", "ep2", "pp2", "tp2-ep2"])
+@pytest.mark.parametrize("layout", [pytest.param(ParallelLayout(tp=2, sp=True), marks=pytest.mark.slow),
+                                    pytest.param(ParallelLayout(ep=2, dp=2), marks=pytest.mark.slow),
+                                    ParallelLayout(pp=2), ParallelLayout(tp=2, ep=2, sp=True)],
+                         ids=["tp2", "ep2", "pp2", "tp2-ep2"])  # tp2 and ep2 alone: `pytest -m slow`
 def test_converted_checkpoint_loads_under_any_layout(layout, layouts_source):
     from megatron_dsv3.testing.distributed import run_distributed
 
