@@ -59,7 +59,7 @@ def make_checkpoint(size: str, dtype: str, path: Path) -> dict:
     preset = preset_for(size)
     with single_process():
         meta = MetaModel(preset, torch.bfloat16)
-        plan, _, _ = export_plan(preset, meta, name_table(preset, include_mtp=False), torch.bfloat16)
+        plan, _ = export_plan(preset, meta, name_table(preset, include_mtp=False), torch.bfloat16)
     path.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     shard, shard_bytes, weight_map, shards, largest, model_bytes = {}, 0, {}, [], 0, 0

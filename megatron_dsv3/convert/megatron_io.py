@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import tempfile
 import threading
@@ -108,10 +109,7 @@ class Piece:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def cut(self, param: torch.Tensor) -> torch.Tensor:
         return param.as_strided(self.shape, self.stride, self.storage_offset)
@@ -229,11 +227,8 @@ def _planner_classes():
 
 def _item_bytes(item) -> int:
     if item.tensor_data is None:
-        return 1 << 10
-    n = 1
-    for s in item.tensor_data.chunk.sizes:
-        n *= s
-    return n * item.tensor_data.properties.dtype.itemsize
+        return 1 << 10  # a serialised object (_extra_state): small
+    return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
 
 
 def _streaming_strategy(resolve, *, threads: int, file_bytes: int):

@@ -15,6 +15,7 @@ leaves something that looks complete, and a rerun starts cleanly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,7 +82,7 @@ def _import(hf, hf_dir: Path, out_dir: Path, target, dtype, threads: int, overwr
         refuse_existing(out_dir)
 
     def source(name: str) -> torch.Tensor:
-        return _join(table[name], [hf.tensor(h, dtype=torch_dtype) for h in table[name].hf])
+        return table[name].join([hf.tensor(h, dtype=torch_dtype) for h in table[name].hf])
 
     with single_process():
         meta = MetaModel(target, torch_dtype)
@@ -93,10 +94,6 @@ def _import(hf, hf_dir: Path, out_dir: Path, target, dtype, threads: int, overwr
         bar.close()
     publish(tmp, out_dir)
     return Result(out_dir, target, total, bar.seconds, notes)
-
-
-def _join(m: Mapping, tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(tensors, dim=0) if m.transform == "glu" else tensors[0]
 
 
 def _same_names(meta: MetaModel, table: dict) -> None:
@@ -123,6 +120,7 @@ def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_byt
     parallel layout) to the released HF layout in ``out_dir``.  ``dtype`` defaults to the run's
     (``--bf16`` -> bfloat16); the router's expert bias stays float32, as in the release."""
     from megatron_dsv3.args.compose import preset_from_args
+    from megatron_dsv3.convert.hf_config import hf_config_from_preset
     from megatron_dsv3.convert.hf_writer import DEFAULT_SHARD_BYTES, write_hf_checkpoint
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
@@ -134,16 +132,14 @@ def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_byt
     table = name_table(preset, include_mtp=preset.mtp_num_layers > 0)
     if not overwrite:
         refuse_existing(out_dir)  # now, before the model is built
-    from megatron_dsv3.convert.hf_config import hf_config_from_preset
-
     hf_config_from_preset(preset)  # a model with no HF layout is refused before anything is read
 
     with single_process():
         meta = MetaModel(preset, stored)
         _same_names(meta, {m.megatron: m for m in table})
         _check_shapes(ckpt, meta)
-        plan, order, copies = export_plan(preset, meta, table, out_dtype)
-        total = sum(_nbytes(shape, dt) for _, shape, dt in plan)
+        plan, copies = export_plan(preset, meta, table, out_dtype)
+        total = sum(math.prod(shape) * dt.itemsize for _, shape, dt in plan)
         bar = Progress(f"megatron-to-hf {ckpt_dir.name}", total, enabled=progress)
         pieces_of: dict[str, list] = {}
         for piece in meta.pieces:
@@ -155,7 +151,7 @@ def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_byt
             return buffers
 
         def tensors():
-            groups = _groups(order, meta, read_batch_bytes)
+            groups = _groups([m.megatron for m in table], meta, read_batch_bytes)
             with ThreadPoolExecutor(max(1, threads)) as pool:
                 pending = OrderedDict()
                 for i, group in enumerate(groups[:threads]):
@@ -167,7 +163,7 @@ def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_byt
                         pending[next_group] = pool.submit(read_group, groups[next_group])
                         next_group += 1
                     for name in groups[i]:
-                        for hf_name, tensor in _split(by_megatron[name], params.pop(name)):
+                        for hf_name, tensor in by_megatron[name].split(params.pop(name)):
                             for out_name in [hf_name] + copies.get(hf_name, []):
                                 out = tensor.to(plan_dtype[out_name])
                                 bar.add(out.nbytes)
@@ -175,17 +171,10 @@ def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_byt
 
         by_megatron = {m.megatron: m for m in table}
         plan_dtype = {name: dt for name, _, dt in plan}
-        write_hf_checkpoint(out_dir, preset, tensors(), plan=plan, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
-                            overwrite=overwrite)
+        write_hf_checkpoint(out_dir, preset, tensors(), plan=plan,
+                            max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, overwrite=overwrite)
         bar.close()
     return Result(out_dir, preset, total, bar.seconds, [])
-
-
-def _nbytes(shape, dt: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * dt.itemsize
 
 
 def _hf_dtype(hf_name: str, out_dtype: torch.dtype) -> torch.dtype:
@@ -194,15 +183,14 @@ def _hf_dtype(hf_name: str, out_dtype: torch.dtype) -> torch.dtype:
 
 
 def export_plan(preset, meta: MetaModel, table: list[Mapping], out_dtype):
-    """``plan``: (HF name, shape, dtype) in the order they are written; ``order``: the Megatron
-    parameters in the order they are read; ``copies``: HF name -> the MTP copies written after it."""
-    plan, order = [], []
+    """``plan``: (HF name, shape, dtype) in the order they are written (the table's);
+    ``copies``: HF name -> the MTP copies written after it."""
+    plan = []
     copies: dict[str, list[str]] = {}
     by_megatron = {m.megatron: m for m in table}
     for hf_name, megatron_name in mtp_copies(preset):
         copies.setdefault(by_megatron[megatron_name].hf[0], []).append(hf_name)
     for m in table:
-        order.append(m.megatron)
         shape = tuple(meta.params[m.megatron].shape)
         if m.transform == "glu":
             halves = [(shape[0] // 2, *shape[1:])] * 2
@@ -211,14 +199,7 @@ def export_plan(preset, meta: MetaModel, table: list[Mapping], out_dtype):
         for hf_name, hf_shape in zip(m.hf, halves):
             for out_name in [hf_name] + copies.get(hf_name, []):
                 plan.append((out_name, hf_shape, _hf_dtype(out_name, out_dtype)))
-    return plan, order, copies
-
-
-def _split(m: Mapping, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    if m.transform == "glu":
-        gate, up = tensor.chunk(2, dim=0)
-        return [(m.hf[0], gate), (m.hf[1], up)]
-    return [(m.hf[0], tensor)]
+    return plan, copies
 
 
 def _groups(order: list[str], meta: MetaModel, batch_bytes: int) -> list[list[str]]:

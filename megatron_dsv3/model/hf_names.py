@@ -78,6 +78,14 @@ class Mapping:
     hf: tuple[str, ...]
     transform: str
 
+    def join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The Megatron tensor from its HF tensors (in ``hf`` order)."""
+        return torch.cat(tensors, dim=0) if self.transform == "glu" else tensors[0]
+
+    def split(self, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """``(HF name, tensor)`` of the Megatron tensor; the exact inverse of :meth:`join`."""
+        return list(zip(self.hf, tensor.chunk(2, dim=0))) if self.transform == "glu" else [(self.hf[0], tensor)]
+
 
 def name_table(p: ModelPreset, *, include_mtp: bool = True) -> list[Mapping]:
     """Every parameter (and the expert-bias buffer) of ``p``, Megatron name -> HF name(s)."""
@@ -120,27 +128,12 @@ def name_table(p: ModelPreset, *, include_mtp: bool = True) -> list[Mapping]:
 
 def hf_to_megatron(hf: dict[str, torch.Tensor], p: ModelPreset, *, include_mtp: bool = False) -> dict:
     """A Megatron state dict from HF checkpoint tensors (the names of the released checkpoints)."""
-    out = {}
-    for m in name_table(p, include_mtp=include_mtp):
-        tensors = [hf[name] for name in m.hf]
-        if m.transform == "glu":
-            out[m.megatron] = torch.cat(tensors, dim=0)
-        else:
-            out[m.megatron] = tensors[0]
-    return out
+    return {m.megatron: m.join([hf[name] for name in m.hf]) for m in name_table(p, include_mtp=include_mtp)}
 
 
 def megatron_to_hf(state: dict[str, torch.Tensor], p: ModelPreset, *, include_mtp: bool = False) -> dict:
     """HF checkpoint tensors from a Megatron state dict; the exact inverse of :func:`hf_to_megatron`."""
-    out = {}
-    for m in name_table(p, include_mtp=include_mtp):
-        tensor = state[m.megatron]
-        if m.transform == "glu":
-            gate, up = tensor.chunk(2, dim=0)
-            out[m.hf[0]], out[m.hf[1]] = gate, up
-        else:
-            out[m.hf[0]] = tensor
-    return out
+    return {name: t for m in name_table(p, include_mtp=include_mtp) for name, t in m.split(state[m.megatron])}
 
 
 def mtp_copies(p: ModelPreset) -> list[tuple[str, str]]:

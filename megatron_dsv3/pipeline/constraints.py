@@ -30,8 +30,8 @@ def resolve_options(schedule: str, *, ep: int, backend: str, zero_bubble: bool |
       refused: a deferring backward leaves a queued weight's gradient undefined, yet its
       AccumulateGrad node still runs and fires Megatron DDP's grad-ready hook, which asserts
       ``param.grad`` is set when ``overlap_grad_reduce`` is on (measured: DualPipeV on pp 2 x dp 2
-      stops with that assertion at its first deferring backward).  Without the split the overlapped reduction matches the
-      single-process gradients (``tests/test_dualpipe_equivalence.py``).
+      stops with that assertion at its first deferring backward).  Without the split the overlapped
+      reduction matches the single-process gradients (``tests/test_dualpipe_equivalence.py``).
     """
     if zero_bubble is None:
         zero_bubble = backend == "local"
