@@ -151,7 +151,14 @@ def cmd_schedule(ns: argparse.Namespace) -> int:
         model, context = recipe_costs(recipe, machine)
         pp, microbatches = context["pp"], ns.microbatches or context["microbatches"]
         vpp = ns.vpp or context["vpp"] or 2
-        overlap = context["ep"] > 1 if ns.fb is None else ns.fb
+        if ns.fb is None:  # as a DualPipe job of this recipe would resolve it
+            from megatron_dsv3.recipe.check import schedule_options
+            from megatron_dsv3.recipe.sizes import parallel_layout
+
+            resolved = schedule_options(recipe, parallel_layout(recipe), "dualpipe")
+            overlap, why = resolved.options.fb_overlap, f"; DualPipe(V): F&B overlap {resolved.why['fb_overlap']}"
+        else:
+            overlap, why = ns.fb, "; DualPipe(V) overlap their pairs" if ns.fb else ""
         costs_for = lambda s: model.costs(overlap and s in DEEPSEEK)  # noqa: E731
         extra = {"recipe": recipe.name, **context, "microbatches": microbatches, "model_ms": model.to_dict(),
                  "fb_overlap": overlap}
@@ -161,7 +168,7 @@ def cmd_schedule(ns: argparse.Namespace) -> int:
               f" {model.forward_a2a:.1f} ms all-to-all, backward {model.backward_compute:.1f} +"
               f" {model.backward_a2a:.1f} ms (weight part {model.weight_compute:.1f}), stage transfer"
               f" {model.p2p:.2f} ms; {machine.tflops:g} TFLOP/s, IB {machine.ib_gbs:g} GB/s"
-              + ("; DualPipe(V) overlap their pairs" if overlap else "") if not ns.json else "")
+              + why if not ns.json else "")
     else:
         pp, microbatches, vpp = ns.pp, ns.microbatches or 2 * 2 * ns.pp, ns.vpp or 2
         costs = compare.Costs(F=ns.f, B=ns.b, W=ns.w, FB=ns.fb_cost, C=ns.comm)
@@ -278,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, help="take pp, micro-batches and costs from a recipe's cost model")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (with --recipe)")
     p.add_argument("--fb", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --recipe: DualPipe(V) overlap their pairs (default: when ep > 1)")
+                   help="with --recipe: DualPipe(V) overlap their pairs (default: as the recipe resolves parallel.fb_overlap)")
     p.add_argument("--tflops", type=float, default=None, help="with --recipe: achieved TFLOP/s per GPU")
     p.add_argument("--ib-gbs", type=float, default=None, help="with --recipe: InfiniBand GB/s per GPU (50)")
     p.add_argument("--nvlink-gbs", type=float, default=None, help="with --recipe: NVLink GB/s per GPU (160)")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.pipeline.constraints import resolve_options
+from megatron_dsv3.pipeline.constraints import decide_options, resolve_options
 from megatron_dsv3.pipeline.engine import check_microbatches, global_microbatch, rank_ops, rank_program
 from megatron_dsv3.pipeline.in_flight import deepseek_in_flight
 from megatron_dsv3.pipeline.simulator import Costs, simulate
@@ -104,7 +104,6 @@ def test_options_default_to_zero_bubble_on_local_and_overlap_with_expert_paralle
     (dict(fb_overlap=True, recompute_granularity="full"), ["no full or `moe` recompute"]),
     (dict(fb_overlap=True, recompute_granularity="selective", recompute_modules=["moe"]), ["`moe` recompute"]),
     (dict(fb_overlap=True, mtp_num_layers=2), ["at most one MTP layer (got 2)"]),
-    (dict(overlap_grad_reduce=True), ["--overlap-grad-reduce", "zero-bubble", "--no-dualpipe-zero-bubble"]),
     (dict(overlap_grad_reduce=True, zero_bubble=True), ["--overlap-grad-reduce", "--no-dualpipe-zero-bubble"]),
 ])
 def test_option_combinations_that_cannot_run_are_refused_with_the_fix(overrides, words):
@@ -118,6 +117,44 @@ def test_overlapped_grad_reduce_runs_without_the_zero_bubble_split():
     overlapped reduction is exact (tests/test_dualpipe_equivalence.py, slow)."""
     assert _options(overlap_grad_reduce=True, zero_bubble=False).zero_bubble is False
     assert _options(overlap_grad_reduce=True, backend="transformer_engine").zero_bubble is False
+
+
+# Each requirement an option has, as the settings that break it (issue 13, item 3).
+UNMET = [
+    ("zero_bubble", dict(backend="transformer_engine"), "the local backend"),
+    ("zero_bubble", dict(overlap_grad_reduce=True), "no --overlap-grad-reduce"),
+    ("fb_overlap", dict(ep=1), "expert parallelism (ep > 1)"),
+    ("fb_overlap", dict(recompute_granularity="full"), "no full or `moe` recompute (here full)"),
+    ("fb_overlap", dict(recompute_granularity="selective", recompute_modules=["layernorm", "moe"]),
+     "no full or `moe` recompute (here `moe`)"),
+    ("fb_overlap", dict(mtp_num_layers=2), "at most one MTP layer (got 2)"),
+]
+
+
+@pytest.mark.parametrize("option,breaks,needs", UNMET, ids=[n for _, _, n in UNMET])
+def test_a_default_passes_the_checks_an_explicit_value_does_and_resolves_off_naming_the_requirement(
+        option, breaks, needs):
+    """Left unset, ``fb_overlap`` used to become ``ep > 1`` unchecked: with EP 64 and a ``moe``
+    recompute (the 671B H800 recipe) it resolved on and the overlapped step silently skipped the
+    recompute.  Now the default meets the same requirements as ``true``: ``true`` is refused, the
+    default resolves off and says which requirement failed."""
+    with pytest.raises(ConfigError) as err:
+        _options(**{option: True}, **breaks)
+    assert needs in str(err.value)
+    resolved = decide_options("dualpipev", **{**dict(ep=2, backend="local", zero_bubble=None, fb_overlap=None,
+                                                     recompute_granularity=None, recompute_modules=None,
+                                                     mtp_num_layers=1), **breaks})
+    assert getattr(resolved.options, option) is False
+    assert resolved.why[option] == f"off (default: needs {needs})"
+    other = "fb_overlap" if option == "zero_bubble" else "zero_bubble"
+    assert getattr(resolved.options, other) is True and resolved.why[other] == "on (default)"
+
+
+def test_the_overlap_default_with_moe_recompute_and_expert_parallelism_is_off():
+    """The 671B H800 recipe's case (EP 64, recompute [layernorm, mla_up_proj, moe]) through the plain API."""
+    options = _options(ep=64, backend="transformer_engine", recompute_granularity="selective",
+                       recompute_modules=["layernorm", "mla_up_proj", "moe"])
+    assert (options.zero_bubble, options.fb_overlap) == (False, False)
 
 
 @pytest.mark.parametrize("schedule,pp,m,peak", [("dualpipe", 4, 8, 5), ("dualpipe", 8, 16, 9),
@@ -195,7 +232,8 @@ def test_schedule_on_a_recipe_uses_its_sizes_and_cost_model():
     result = _schedule("--recipe", "deepseek-v3-671b-h800-2048", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert (data["pp"], data["ep"], data["microbatches"], data["fb_overlap"]) == (16, 64, 120, True)
+    # The recipe keeps its `moe` recompute, so its DualPipe runs without the overlap (fb_overlap: false).
+    assert (data["pp"], data["ep"], data["microbatches"], data["fb_overlap"]) == (16, 64, 120, False)
     step = {s["schedule"]: s.get("step_time") for s in data["schedules"]}
     assert step["interleaved"] is None  # 120 micro-batches are not a multiple of 16: skipped, with the reason
     assert step["dualpipe"] < step["zb1p"] < step["1f1b"]
@@ -234,6 +272,24 @@ def test_recipe_check_shows_the_dualpipev_placement():
     assert report.ok and "DualPipeV: rank r holds stages r and 2pp-1-r" in report.render()
 
 
+def test_recipe_check_prints_the_resolved_options_and_why():
+    text = _check("parallel.world_size=2", "parallel.pp=2", "parallel.schedule=dualpipev",
+                  "parallel.zero_bubble=false").render()
+    assert "options    zero bubble off (set: parallel.zero_bubble: false, --no-dualpipe-zero-bubble)" in text
+    assert "           F&B overlap off (default: needs expert parallelism (ep > 1))" in text, text
+
+
+@pytest.mark.parametrize("overrides", [[], ["parallel.fb_overlap=null"]], ids=["as shipped", "default"])
+def test_the_h800_recipe_keeps_its_moe_recompute_and_its_estimate(overrides):
+    """Its 79.6-of-80-GiB estimate counts the `moe` recompute; the overlap that would skip it is off."""
+    from megatron_dsv3.recipe import check_recipe, load_recipe
+
+    report = check_recipe(load_recipe("deepseek-v3-671b-h800-2048", overrides))
+    text = report.render()
+    assert report.ok and "moe" in report.recipe.training.recompute.modules, text
+    assert "F&B overlap off (" in text and report.memory.total < 80
+
+
 def _parse(monkeypatch, *extra: str):
     from megatron_dsv3.args.compose import megatron_argv
     from megatron_dsv3.args.settings import parse_megatron_args
@@ -258,7 +314,7 @@ def test_megatron_arguments_carry_the_schedule_and_its_resolved_options(monkeypa
     (["--pipeline-schedule", "dualpipe", "--log-params-norm"], ["--log-params-norm", "dualpipev"]),
     (["--pipeline-schedule", "dualpipev", "--dualpipe-fb-overlap"], ["expert parallelism (ep > 1)"]),
     (["--dualpipe-zero-bubble"], ["dualpipe"]),
-    (["--pipeline-schedule", "dualpipev", "--overlap-grad-reduce"],
+    (["--pipeline-schedule", "dualpipev", "--overlap-grad-reduce", "--dualpipe-zero-bubble"],
      ["--overlap-grad-reduce", "--no-dualpipe-zero-bubble"]),
 ])
 def test_megatron_arguments_the_schedule_cannot_run_are_refused(monkeypatch, extra, words):
@@ -267,8 +323,9 @@ def test_megatron_arguments_the_schedule_cannot_run_are_refused(monkeypatch, ext
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
-def test_megatron_arguments_overlap_grad_reduce_without_the_split_are_accepted(monkeypatch):
+@pytest.mark.parametrize("extra", [["--no-dualpipe-zero-bubble"], []], ids=["split off", "split left to default"])
+def test_megatron_arguments_overlap_grad_reduce_without_the_split_are_accepted(monkeypatch, extra):
     from megatron_dsv3.args.settings import schedule_options
 
-    args = _parse(monkeypatch, "--pipeline-schedule", "dualpipev", "--overlap-grad-reduce", "--no-dualpipe-zero-bubble")
+    args = _parse(monkeypatch, "--pipeline-schedule", "dualpipev", "--overlap-grad-reduce", *extra)
     assert args.overlap_grad_reduce and schedule_options(args).zero_bubble is False

@@ -13,7 +13,7 @@ from megatron_dsv3.model.backends import planned_backend
 from megatron_dsv3.model.validation import validate
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, place
-from megatron_dsv3.pipeline.constraints import resolve_options
+from megatron_dsv3.pipeline.constraints import ResolvedOptions, decide_options
 from megatron_dsv3.pipeline.engine import check_microbatches
 from megatron_dsv3.recipe.sizes import fail as _fail
 from megatron_dsv3.recipe.sizes import global_batch, parallel_layout
@@ -29,7 +29,7 @@ def validate_recipe(recipe, world_size: int | None = None) -> ParallelLayout:
         raise recipe.locate(err) from None
     placement = _check_pipeline(recipe, preset, layout)
     _check_batch(recipe, layout, placement)
-    _check_schedule_options(recipe, layout, placement)
+    schedule_options(recipe, layout, placement.schedule)
     _check_lr_schedule(recipe)
     _check_device(recipe)
     _check_recompute(recipe)
@@ -114,15 +114,17 @@ def _check_ramp(recipe, unit: int) -> int:
     return start
 
 
-def _check_schedule_options(recipe, layout: ParallelLayout, placement) -> None:
-    if placement.schedule not in DEEPSEEK_SCHEDULES:
-        return
+def schedule_options(recipe, layout: ParallelLayout, schedule: str | None) -> ResolvedOptions | None:
+    """DualPipe(V)'s options as the job will resolve them, and why (None for Megatron's schedules)."""
+    if schedule not in DEEPSEEK_SCHEDULES:
+        return None
     rc = recipe.training.recompute
     backend = "local" if recipe.is_cpu or recipe.backend == "auto" else recipe.backend
     try:
-        resolve_options(placement.schedule, ep=layout.ep, backend=backend, zero_bubble=layout.zero_bubble,
-                        fb_overlap=layout.fb_overlap, recompute_granularity=rc.granularity,
-                        recompute_modules=rc.modules, mtp_num_layers=recipe.preset.mtp_num_layers)
+        return decide_options(schedule, ep=layout.ep, backend=backend, zero_bubble=layout.zero_bubble,
+                              fb_overlap=layout.fb_overlap, recompute_granularity=rc.granularity,
+                              recompute_modules=rc.modules, mtp_num_layers=recipe.preset.mtp_num_layers,
+                              overlap_grad_reduce="--overlap-grad-reduce" in recipe.extra_args)
     except ConfigError as err:
         raise recipe.locate(err) from None
 

@@ -13,7 +13,7 @@ from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.accounting import count
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.parallel.placement import placement_for
-from megatron_dsv3.recipe.check import validate_recipe
+from megatron_dsv3.recipe.check import schedule_options, validate_recipe
 from megatron_dsv3.recipe.memory import estimate_memory
 from megatron_dsv3.recipe.sizes import global_batch, num_microbatches
 
@@ -166,6 +166,9 @@ def _pipeline_lines(report) -> list[str]:
     }[placement.schedule]
     source = f"layout '{lay.layout}'" if lay.layout else "even split"
     lines = [f"pipeline   {schedule}; {_n(placement.num_stages, 'stage')} ({source})"]
+    options = schedule_options(recipe, lay, placement.schedule)
+    if options is not None:
+        lines += [f"{'options' if i == 0 else '':<11}{line}" for i, line in enumerate(options.describe())]
     ranks = {r.pp_rank: r for r in report.memory.ranks} if report.memory is not None else {}
     rows = [("PP rank", "layers" if vpp == 1 else "layers per virtual stage", "params/rank", "in flight", "GiB")]
     for row in chunks:
