@@ -553,3 +553,24 @@ def test_float_keys_accept_yaml_1_1_exponents_without_a_dot(tmp_path):
     r = load_recipe(path)
     assert (r.training.lr, r.training.min_lr) == (3e-3, 1e-4)
     assert loads_recipe(TINY).training.lr == 2.2e-4  # default: DeepSeek-V3's peak rate
+
+
+@pytest.mark.parametrize("shorthand", ["none", "null"])
+def test_an_override_goes_into_a_section_written_as_a_shorthand(shorthand):
+    """``recompute: none`` is a whole section in one word; an override of one of its keys fills it
+    (issue 13, item 12: it was refused as "training.recompute is not a section")."""
+    text = TINY.replace("  train_iters: 10\n", f"  train_iters: 10\n  recompute: {shorthand}\n")
+    assert loads_recipe(text).training.recompute.granularity == "none"
+    recipe = loads_recipe(text, overrides=["training.recompute.granularity=full", "training.recompute.method=uniform",
+                                           "training.recompute.num_layers=1"])
+    rc = recipe.training.recompute
+    assert (rc.granularity, rc.method, rc.num_layers, rc.modules) == ("full", "uniform", 1, [])
+    selective = loads_recipe(text, overrides=["training.recompute.granularity=selective",
+                                              "training.recompute.modules=[mla_up_proj]"]).training.recompute
+    assert (selective.granularity, selective.modules) == ("selective", ["mla_up_proj"])
+
+
+def test_an_override_into_a_plain_value_is_still_refused():
+    with pytest.raises(ConfigError) as err:
+        loads_recipe(TINY, overrides=["training.train_iters.x=1"])
+    assert "training.train_iters is not a section" in str(err.value)

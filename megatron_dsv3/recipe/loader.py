@@ -151,6 +151,10 @@ def _splice(root: yaml.Node, override: str, builder: "_Builder") -> None:
                 if last:
                     node.value[index] = (key_node, value)
                     builder.origins[id(key_node)] = where
+                elif _is_empty_section(value_node):  # `recompute: none`: the override goes into the empty section
+                    mark = value_node.start_mark
+                    value_node = yaml.MappingNode("tag:yaml.org,2002:map", [], mark, mark)
+                    node.value[index] = (key_node, value_node)
                 node = value_node
                 break
         else:
@@ -165,6 +169,11 @@ def _splice(root: yaml.Node, override: str, builder: "_Builder") -> None:
 
 def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _is_empty_section(node: yaml.Node) -> bool:
+    """A section written as a shorthand for its defaults: null, or ``none`` (``recompute: none``)."""
+    return _is_null(node) or (isinstance(node, yaml.ScalarNode) and node.tag == _YAML + "str" and node.value == "none")
 
 
 class _Builder:
@@ -218,7 +227,7 @@ class _Builder:
     def build_section(self, cls, node: yaml.Node, path: str):
         if cls is ModelSection:
             return self.build_model(node, path)
-        if cls is RecomputeSection and (_is_null(node) or self._scalar(node) == "none"):
+        if cls is RecomputeSection and _is_empty_section(node):
             return RecomputeSection()
         fields = {yaml_name(f): f for f in schema_fields(cls)}
         hints = typing.get_type_hints(cls)
