@@ -17,8 +17,9 @@ from megatron_dsv3.model.presets import get_preset
 transformers = pytest.importorskip("transformers")
 
 # (experts, groups, topk, group_topk): Megatron-Core 0.19 alone scores a group by its top
-# topk // group_topk, which differs from DeepSeek's top 2 in the first two rows.
-CASES = [(16, 4, 4, 1), (16, 4, 3, 3), (16, 4, 4, 2)]
+# topk // group_topk, which differs from DeepSeek's top 2 in all but the third row; in the last,
+# top-3 from 4 groups pick 2, topk is not a multiple of group_topk (issue 13, item 10).
+CASES = [(16, 4, 4, 1), (16, 4, 3, 3), (16, 4, 4, 2), (16, 4, 3, 2)]
 
 
 def _routers(experts, groups, topk, group_topk, seed):
@@ -47,7 +48,7 @@ def _routers(experts, groups, topk, group_topk, seed):
     return preset, ours, theirs
 
 
-@pytest.mark.parametrize("case", CASES, ids=["16e-4g-top4-1g", "16e-4g-top3-3g", "16e-4g-top4-2g"])
+@pytest.mark.parametrize("case", CASES, ids=["16e-4g-top4-1g", "16e-4g-top3-3g", "16e-4g-top4-2g", "16e-4g-top3-2g"])
 def test_group_limited_routing_chooses_deepseeks_experts_and_gates(case, megatron_single_process):
     preset, ours, theirs = _routers(*case, seed=sum(case))
     hidden = torch.randn(256, 1, preset.hidden_size, generator=torch.Generator().manual_seed(5))
@@ -77,3 +78,17 @@ def test_megatrons_own_group_score_differs_here(megatron_single_process):
         moe_utils.group_limited_topk = changed
     _, _, indices = theirs(hidden)
     assert not torch.equal(routing_map, torch.zeros_like(routing_map).scatter_(1, indices, True))
+
+
+def test_a_checkpoint_routing_top3_from_2_of_4_groups_converts_to_a_preset():
+    """Shaped like a released DeepSeek-V3 config, but top-3 experts from 2 of 4 groups: accepted, with the
+    refusal that still holds (more experts than the chosen groups have) kept."""
+    from megatron_dsv3.convert.hf_config import hf_config_from_preset, preset_from_hf_config
+    from megatron_dsv3.errors import ConfigError
+
+    config = hf_config_from_preset(get_preset("dsv3-tiny").with_overrides(num_routed_experts=16, num_groups=4))
+    config.update(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    preset = preset_from_hf_config(config)
+    assert (preset.num_routed_experts, preset.num_groups, preset.group_topk, preset.moe_router_topk) == (16, 4, 2, 3)
+    with pytest.raises(ConfigError, match="cannot come from 2 groups of 4 experts"):
+        preset_from_hf_config({**config, "num_experts_per_tok": 9})

@@ -56,12 +56,8 @@ def validate_model(p: ModelPreset) -> None:
             f"model.group_topk={p.group_topk} must be between 1 and model.num_groups={p.num_groups}",
             "set group_topk to the number of groups (nodes) each token may use", "group_topk",
         )
-        _require(
-            p.moe_router_topk % p.group_topk == 0,
-            f"model.moe_router_topk={p.moe_router_topk} is not a multiple of model.group_topk="
-            f"{p.group_topk} (Megatron scores a group by its top topk/group_topk experts)",
-            "choose group_topk dividing moe_router_topk", "group_topk",
-        )
+        # Any top-k / group_topk ratio routes as DeepSeek does: a group scores by its top two
+        # (runtime/model_changes.py, group_limited_routing_scores_groups_by_their_top_two).
         per_group = p.num_routed_experts // p.num_groups
         _require(
             p.moe_router_topk <= p.group_topk * per_group,
