@@ -95,6 +95,28 @@ def cmd_check(ns: argparse.Namespace) -> int:
 
 
 def cmd_convert(ns: argparse.Namespace) -> int:
+    """A conversion stopped by Ctrl-C, a bad input or the disk says so in a line or two (what happened
+    and what became of the partial output); an unexpected error keeps its traceback."""
+    try:
+        return _convert(ns)
+    except KeyboardInterrupt as err:
+        _stopped("interrupted", err)
+        return 130
+    except ConfigError as err:
+        _stopped(f"error: {err}", err)
+        return 2
+    except OSError as err:
+        _stopped(f"error: {err.strerror or err}{f' ({err.filename})' if err.filename else ''}", err)
+        return 1
+
+
+def _stopped(message: str, err: BaseException) -> None:
+    print(f"megatron-dsv3: {message}", file=sys.stderr)
+    for note in getattr(err, "__notes__", []):
+        print(f"megatron-dsv3: {note}", file=sys.stderr)
+
+
+def _convert(ns: argparse.Namespace) -> int:
     from megatron_dsv3.convert import run
 
     if ns.direction == "hf-to-megatron":

@@ -369,13 +369,90 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, mon
         return original(self, name, **kw)
 
     monkeypatch.setattr(hf_reader.HFCheckpoint, "tensor", failing)
-    with pytest.raises(RuntimeError, match="simulated interruption"):
+    with pytest.raises(RuntimeError, match="simulated interruption") as err:
         run.hf_to_megatron(tmp_path / "hf", tmp_path / "out", progress=False, threads=1)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+    assert "removed the partial output" in err.value.__notes__[0]
     monkeypatch.setattr(hf_reader.HFCheckpoint, "tensor", original)
     run.hf_to_megatron(tmp_path / "hf", tmp_path / "out", progress=False)  # a rerun starts cleanly
     assert (tmp_path / "out" / "release" / "metadata.json").exists()
     assert not (tmp_path / ".out.partial").exists()
+
+
+@pytest.mark.parametrize("out", ["/proc/x", "/dev/null/x"])
+@pytest.mark.parametrize("direction", ["hf-to-megatron", "megatron-to-hf"])
+def test_an_unwritable_output_is_refused_in_one_line_before_anything_is_read(tmp_path, capsys, monkeypatch, out,
+                                                                            direction):
+    from megatron_dsv3 import cli
+    from megatron_dsv3.convert import megatron_io
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(megatron_io, "MetaModel", no_model)
+    monkeypatch.setattr(run, "MetaModel", no_model)
+    # The source does not exist: the output is checked first.
+    assert cli.main(["convert", direction, str(tmp_path / "missing"), out, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write {out}" in err and "Fix: choose an output folder" in err, err
+
+
+def _interrupting(monkeypatch, error: BaseException, at: int = 20):
+    from megatron_dsv3.convert import hf_reader
+
+    calls, original = {"n": 0}, hf_reader.HFCheckpoint.tensor
+
+    def tensor(self, name, **kw):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise error
+        return original(self, name, **kw)
+
+    monkeypatch.setattr(hf_reader.HFCheckpoint, "tensor", tensor)
+
+
+@pytest.mark.parametrize("error,code,message", [
+    (KeyboardInterrupt(), 130, "megatron-dsv3: interrupted"),
+    (OSError(28, "No space left on device", "/data/x.distcp"), 1,
+     "megatron-dsv3: error: No space left on device (/data/x.distcp)"),
+], ids=["ctrl-c", "disk-full"])
+def test_a_conversion_stopped_midway_says_so_briefly_and_removes_its_partial_folder(
+        tmp_path, capsys, monkeypatch, megatron_single_process, error, code, message):
+    from megatron_dsv3 import cli
+
+    model, mtp = _hf_model(CONFIGS["groups-top4-from-1"], seed=3)
+    _save_hf(model, mtp, tmp_path / "hf")
+    capsys.readouterr()
+    _interrupting(monkeypatch, error)
+    out = tmp_path / "out"
+    assert cli.main(["convert", "hf-to-megatron", str(tmp_path / "hf"), str(out), "--quiet", "--threads", "1"]) == code
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [message, f"megatron-dsv3: removed the partial output {tmp_path / '.out.partial'}; {out} was"
+                              " not written"], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_export_keeps_the_sources_token_ids_and_generation_config(tmp_path, megatron_single_process):
+    """Read back by transformers' own GenerationConfig and AutoConfig; a checkpoint that records no source
+    gets DeepSeek-V3's released ids (bos 0, eos 1) and a note saying so."""
+    from transformers import AutoConfig, GenerationConfig
+
+    model, mtp = _hf_model(dict(CONFIGS["groups-top4-from-1"], bos_token_id=5, eos_token_id=7, pad_token_id=3),
+                           seed=4)
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.6  # the source's own, kept
+    _save_hf(model, mtp, tmp_path / "hf")
+    run.hf_to_megatron(tmp_path / "hf", tmp_path / "megatron", progress=False)
+    back = run.megatron_to_hf(tmp_path / "megatron" / "release", tmp_path / "back", progress=False)
+    assert back.notes == []
+    config, generation = AutoConfig.from_pretrained(tmp_path / "back"), GenerationConfig.from_pretrained(tmp_path / "back")
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (5, 7, 3)
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id, generation.temperature) == (
+        5, 7, 3, 0.6)
+    (tmp_path / "megatron" / "hf_source.json").unlink()  # as a run saved into another folder
+    bare = run.megatron_to_hf(tmp_path / "megatron", tmp_path / "bare", progress=False)
+    generation = json.loads((tmp_path / "bare" / "generation_config.json").read_text())
+    assert generation == {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1}
+    assert "records no HF source" in bare.notes[0] and "bos 0, eos 1" in bare.notes[0]
 
 
 def test_cli_converts_and_megatron_dsv3_train_starts_from_it(tmp_path):

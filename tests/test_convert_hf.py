@@ -451,19 +451,21 @@ def test_writer_checks_each_tensor_against_the_plan(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_interrupted_write_leaves_only_the_temporary_folder_and_a_rerun_succeeds(tmp_path):
+def test_interrupted_write_removes_its_temporary_folder_and_a_rerun_succeeds(tmp_path):
     tensors = _tensors(SMALL, seed=7)
     out = tmp_path / "out"
 
     def failing():
         for i, item in enumerate(tensors.items()):
             if i == 20:
+                assert (tmp_path / ".out.partial").is_dir()  # shards were being written there
                 raise KeyboardInterrupt
             yield item
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as err:
         write_hf_checkpoint(out, SMALL, failing(), plan=_plan(tensors), max_shard_bytes=40_000)
-    assert not out.exists() and (tmp_path / ".out.partial").is_dir()
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+    assert err.value.__notes__ == [f"removed the partial output {tmp_path / '.out.partial'}; {out} was not written"]
     write_hf_checkpoint(out, SMALL, iter(tensors.items()), plan=_plan(tensors), max_shard_bytes=40_000)
     assert not (tmp_path / ".out.partial").exists()
     assert set(HFCheckpoint.open(out).names()) == set(tensors)

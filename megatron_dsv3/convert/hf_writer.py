@@ -2,8 +2,9 @@
 
 The layout is DeepSeek's release (``../shared/FACTS.md``, "HuggingFace checkpoint conversion
 anchors"): per-expert names, shards ``model-00001-of-0000N.safetensors``, an index
-``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``) and the ``config.json`` of
-:func:`~megatron_dsv3.convert.hf_config.hf_config_from_preset`; transformers' ``from_pretrained``
+``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``), the ``config.json`` of
+:func:`~megatron_dsv3.convert.hf_config.hf_config_from_preset` with the token ids, and a
+``generation_config.json`` (:mod:`megatron_dsv3.convert.hf_source`); transformers' ``from_pretrained``
 reads it (packing the experts itself).
 
 Streaming: the caller gives the whole ``plan`` (name, shape, dtype, in the order the tensors will
@@ -25,7 +26,8 @@ import torch
 from megatron_dsv3.convert.hf_config import hf_config_from_preset
 from megatron_dsv3.convert.batching import split_by_bytes
 from megatron_dsv3.convert.hf_reader import INDEX
-from megatron_dsv3.convert.output_dir import prepare, publish
+from megatron_dsv3.convert.hf_source import generation_config as generation_config_of
+from megatron_dsv3.convert.output_dir import partial_output
 from megatron_dsv3.convert.safetensors_format import encode_header, tensor_bytes
 from megatron_dsv3.model.presets import ModelPreset
 
@@ -45,11 +47,14 @@ def shard_name(i: int, n: int) -> str:
 
 def write_hf_checkpoint(out_dir, preset: ModelPreset, tensors: Iterable[tuple[str, torch.Tensor]], *,
                         plan: list[PlanItem], max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                        token_ids: dict | None = None, generation_config: dict | None = None,
                         progress: Callable[[int], None] | None = None) -> Path:
     """Write ``tensors`` (``(name, tensor)`` pairs, in ``plan`` order) as the HF checkpoint of
     ``preset`` in ``out_dir``; return ``out_dir``.  Each tensor must match its plan entry (name,
-    shape, dtype).  ``progress`` is called with each tensor's byte count once it is written.  An
-    existing non-empty ``out_dir`` is refused unless ``overwrite``."""
+    shape, dtype).  ``token_ids`` (``bos/eos/pad_token_id``; None values left out) go into
+    ``config.json``; ``generation_config`` (default: derived from the ids) is written as is.
+    ``progress`` is called with each tensor's byte count once it is written.  An existing non-empty
+    ``out_dir`` is refused unless ``overwrite``."""
     out_dir = Path(out_dir)
     names = [name for name, _, _ in plan]
     if len(set(names)) != len(names):
@@ -57,20 +62,23 @@ def write_hf_checkpoint(out_dir, preset: ModelPreset, tensors: Iterable[tuple[st
     shards = shard_plan([(n, tuple(s), d) for n, s, d in plan], max_shard_bytes)
     dtype = _DTYPE_NAMES.get(_main_dtype(plan), "bfloat16")
     config = hf_config_from_preset(preset, dtype=dtype)  # refuses a model with no HF layout before any write
-    tmp = prepare(out_dir, overwrite=overwrite)
-    stream = iter(tensors)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        file = shard_name(i, len(shards))
-        total += _write_shard(tmp / file, shard, stream, progress)
-        weight_map.update({name: file for name, _, _ in shard})
-    extra = next(stream, None)
-    if extra is not None:
-        raise ValueError(f"the tensors go on past the plan's last entry: {extra[0]} is not in the plan")
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _write_synced(tmp / INDEX, json.dumps(index, indent=2) + "\n")
-    _write_synced(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-    publish(tmp, out_dir)
+    ids = {k: v for k, v in (token_ids or {}).items() if v is not None}
+    config.update(ids)
+    generation = generation_config if generation_config is not None else generation_config_of(ids)
+    with partial_output(out_dir, overwrite=overwrite) as tmp:
+        stream = iter(tensors)
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            file = shard_name(i, len(shards))
+            total += _write_shard(tmp / file, shard, stream, progress)
+            weight_map.update({name: file for name, _, _ in shard})
+        extra = next(stream, None)
+        if extra is not None:
+            raise ValueError(f"the tensors go on past the plan's last entry: {extra[0]} is not in the plan")
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _write_synced(tmp / INDEX, json.dumps(index, indent=2) + "\n")
+        _write_synced(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        _write_synced(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     return out_dir
 
 

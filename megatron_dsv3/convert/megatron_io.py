@@ -193,11 +193,15 @@ def _planner_classes():
             # Plan order is model order: a parameter's pieces mostly land in one file.
             groups = split_by_bytes(list(plan.items), _item_bytes, self.file_bytes)
 
+            stop = threading.Event()
+
             def write_file(index: int, items: list) -> list:
                 file_name = f"{prefix}{index}.distcp"
                 results = []
                 with open(Path(self.path) / file_name, "wb") as stream:
                     for item in items:
+                        if stop.is_set():  # another file failed, or Ctrl-C: the checkpoint is abandoned
+                            return results
                         data = planner.resolve_data(item)
                         offset = stream.tell()
                         if item.type == WriteItemType.BYTE_IO:
@@ -216,8 +220,14 @@ def _planner_classes():
                     os.fsync(stream.fileno())
                 return results
 
-            with ThreadPoolExecutor(max(1, self.thread_count)) as pool:
+            pool = ThreadPoolExecutor(max(1, self.thread_count))
+            try:
                 done = list(pool.map(write_file, range(len(groups)), groups))
+            except BaseException:
+                stop.set()  # the files being written stop at their next tensor, the others never start
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
             future = torch.futures.Future()
             future.set_result([r for rs in done for r in rs])
             return future

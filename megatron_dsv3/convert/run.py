@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from megatron_dsv3.convert.batching import split_by_bytes
+from megatron_dsv3.convert.hf_source import read_hf_source, write_hf_source
 from megatron_dsv3.convert.megatron_io import DTYPES, MegatronCheckpoint, MetaModel, single_process, write_checkpoint
-from megatron_dsv3.convert.output_dir import prepare, publish, refuse_existing
+from megatron_dsv3.convert.output_dir import check_writable, partial_output, refuse_existing
 from megatron_dsv3.convert.progress import Progress
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.hf_names import Mapping, mtp_copies, name_table
@@ -56,11 +57,14 @@ def hf_to_megatron(hf_dir, out_dir, *, recipe: str | None = None, overrides: lis
     from megatron_dsv3.convert.hf_reader import HFCheckpoint
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    _check_output(out_dir, overwrite)
     target = None
     if recipe is not None:
-        from megatron_dsv3.recipe import load_recipe
+        from megatron_dsv3.recipe import load_recipe, validate_recipe
 
-        target = load_recipe(recipe, overrides or []).preset
+        loaded = load_recipe(recipe, overrides or [])
+        validate_recipe(loaded)  # the checks `megatron-dsv3 args` runs: the run it is for must be able to start
+        target = loaded.preset
     with HFCheckpoint.open(hf_dir, recipe_preset=target) as hf:
         return _import(hf, hf_dir, out_dir, target, dtype, threads, overwrite, progress)
 
@@ -78,8 +82,6 @@ def _import(hf, hf_dir: Path, out_dir: Path, target, dtype, threads: int, overwr
                      "model has no MTP (model.mtp_num_layers: 0)")
     torch_dtype = _dtype(dtype, hf.dtype)
     table = {m.megatron: m for m in name_table(target, include_mtp=target.mtp_num_layers > 0)}
-    if not overwrite:
-        refuse_existing(out_dir)
 
     def source(name: str) -> torch.Tensor:
         return table[name].join([hf.tensor(h, dtype=torch_dtype) for h in table[name].hf])
@@ -88,12 +90,19 @@ def _import(hf, hf_dir: Path, out_dir: Path, target, dtype, threads: int, overwr
         meta = MetaModel(target, torch_dtype)
         _same_names(meta, table)
         total = sum(p.nbytes for p in meta.pieces)
-        tmp = prepare(out_dir, overwrite=overwrite)
         bar = Progress(f"hf-to-megatron {hf_dir.name}", total, enabled=progress)
-        write_checkpoint(meta, tmp, source, threads=threads, progress=bar.add)
+        with partial_output(out_dir, overwrite=overwrite) as tmp:
+            write_checkpoint(meta, tmp, source, threads=threads, progress=bar.add)
+            write_hf_source(tmp, hf.config, hf_dir)
         bar.close()
-    publish(tmp, out_dir)
     return Result(out_dir, target, total, bar.seconds, notes)
+
+
+def _check_output(out_dir: Path, overwrite: bool) -> None:
+    """The output folder, checked before anything is read or built."""
+    if not overwrite:
+        refuse_existing(out_dir)
+    check_writable(out_dir)
 
 
 def _same_names(meta: MetaModel, table: dict) -> None:
@@ -124,15 +133,15 @@ def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_byt
     from megatron_dsv3.convert.hf_writer import DEFAULT_SHARD_BYTES, write_hf_checkpoint
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    _check_output(out_dir, overwrite)
     ckpt = MegatronCheckpoint(ckpt_dir)
     preset = preset_from_args(ckpt.args, name=ckpt_dir.name)
     stored = torch.bfloat16 if getattr(ckpt.args, "bf16", False) else (
         torch.float16 if getattr(ckpt.args, "fp16", False) else torch.float32)
     out_dtype = _dtype(dtype, stored)
     table = name_table(preset, include_mtp=preset.mtp_num_layers > 0)
-    if not overwrite:
-        refuse_existing(out_dir)  # now, before the model is built
-    hf_config_from_preset(preset)  # a model with no HF layout is refused before anything is read
+    model_type = hf_config_from_preset(preset)["model_type"]  # a model with no HF layout is refused here
+    source = read_hf_source(ckpt_dir, ckpt.step_dir, model_type)
 
     with single_process():
         meta = MetaModel(preset, stored)
@@ -171,10 +180,11 @@ def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_byt
 
         by_megatron = {m.megatron: m for m in table}
         plan_dtype = {name: dt for name, _, dt in plan}
-        write_hf_checkpoint(out_dir, preset, tensors(), plan=plan,
+        write_hf_checkpoint(out_dir, preset, tensors(), plan=plan, token_ids=source.token_ids,
+                            generation_config=source.generation_config,
                             max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, overwrite=overwrite)
         bar.close()
-    return Result(out_dir, preset, total, bar.seconds, [])
+    return Result(out_dir, preset, total, bar.seconds, source.notes)
 
 
 def _hf_dtype(hf_name: str, out_dtype: torch.dtype) -> torch.dtype:
