@@ -556,3 +556,16 @@ def test_docs_name_table_is_the_code_table():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md").read_text()
     section = doc.split("<!-- names:begin -->\n", 1)[1].split("<!-- names:end -->", 1)[0]
     assert section == markdown(), "docs/checkpoints.md names section is stale: regenerate it from hf_names.markdown()"
+
+
+def test_convert_with_a_recipe_validates_its_layout_as_megatron_dsv3_args_does(tmp_path):
+    """EP 3 does not divide 16 experts: refused before the checkpoint (here absent) is read, with the error `args` gives."""
+    from megatron_dsv3.args.compose import recipe_argv
+    from megatron_dsv3.recipe import load_recipe
+
+    overrides = ["model.mtp_num_layers=0", "parallel.ep=3"]
+    with pytest.raises(ConfigError) as by_args:
+        recipe_argv(load_recipe("dsv3-tiny-cpu", overrides))
+    with pytest.raises(ConfigError) as by_convert:
+        run.hf_to_megatron(tmp_path / "absent", tmp_path / "out", recipe="dsv3-tiny-cpu", overrides=overrides)
+    assert str(by_convert.value) == str(by_args.value) and "parallel.ep=3 does not divide" in str(by_args.value)
