@@ -8,8 +8,11 @@ operands, and per-tensor scaling as the baseline block-wise scaling must beat on
 
 from __future__ import annotations
 
+import bisect
 import math
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +44,116 @@ def test_scales_are_amax_over_448_per_block_with_partial_last_blocks(block):
     assert q.scale_inv.shape == amax.shape == (math.ceil(300 / block[0]), math.ceil(200 / block[1]))
     torch.testing.assert_close(q.scale_inv.double(), amax / E4M3_MAX, rtol=1e-6, atol=0)
     assert q.data.dtype == torch.float8_e4m3fn and q.data.shape == x.shape
+
+
+# ---- codes and scales bit for bit against exact arithmetic ----
+def _e4m3_values() -> list[Fraction]:
+    """The finite non-negative float8_e4m3fn values in code order 0..126 (OCP FP8: 4 exponent bits with
+    bias 7, 3 mantissa bits, subnormals at exponent 0; code 127 is NaN), built from the format."""
+    values = []
+    for code in range(127):
+        exponent, mantissa = code >> 3, code & 7
+        if exponent == 0:
+            values.append(Fraction(mantissa, 8) * Fraction(1, 2**6))
+        else:
+            values.append((1 + Fraction(mantissa, 8)) * Fraction(2) ** (exponent - 7))
+    return values
+
+
+E4M3 = _e4m3_values()
+
+
+def _to_e4m3(v: Fraction) -> Fraction:
+    """``v`` saturated to +-448 and rounded to the nearest E4M3 value, ties to the even code."""
+    magnitude = min(abs(v), E4M3[-1])
+    i = bisect.bisect_right(E4M3, magnitude) - 1
+    if i + 1 < len(E4M3):
+        below, above = magnitude - E4M3[i], E4M3[i + 1] - magnitude
+        if above < below or (above == below and (i + 1) % 2 == 0):
+            i += 1
+    return E4M3[i] if v >= 0 else -E4M3[i]
+
+
+def _to_fp32(q: Fraction) -> Fraction:
+    """``q`` rounded to the nearest fp32, ties to even (candidates from numpy, chosen exactly)."""
+    guess = np.float32(float(q))
+    candidates = [guess, np.nextafter(guess, np.float32(np.inf)), np.nextafter(guess, np.float32(-np.inf))]
+    best = min(candidates, key=lambda c: (abs(Fraction(float(c)) - q), int(np.array(c).view(np.uint32)) & 1))
+    return Fraction(float(best))
+
+
+def _reference(x: torch.Tensor, block, scale: str, margin: int):
+    """Scales and codes of ``x`` per ``block`` in exact rational arithmetic (DeepSeek-V3 3.3.2:
+    scale = amax / 448 per block; with margin and power-of-two variants as the recipe defines them)."""
+    rows, cols = x.shape
+    values = [[Fraction(float(v)) for v in row] for row in x.double().tolist()]
+    br, bc = block
+    scales = [[None] * -(-cols // bc) for _ in range(-(-rows // br))]
+    codes = [[None] * cols for _ in range(rows)]
+    for i in range(len(scales)):
+        for j in range(len(scales[0])):
+            cells = [(r, c) for r in range(i * br, min(rows, (i + 1) * br)) for c in range(j * bc, min(cols, (j + 1) * bc))]
+            quotient = max(abs(values[r][c]) for r, c in cells) * Fraction(2) ** margin / 448
+            if scale == "pow2" and quotient > 0:
+                power = Fraction(2) ** (quotient.numerator.bit_length() - quotient.denominator.bit_length() - 1)
+                while power < quotient:
+                    power *= 2
+                quotient = power
+            s = _to_fp32(quotient)
+            s = s if s > 0 else Fraction(1)
+            scales[i][j] = s
+            for r, c in cells:
+                codes[r][c] = _to_e4m3(values[r][c] / s)
+    return scales, codes
+
+
+def _bf16_tiles_with_ties(rows: int, cols: int, block) -> torch.Tensor:
+    """BF16 data with partial blocks and, in block column 0: block row 0 with amax 105 (scale 15/64)
+    and row 1 with amax 336 (scale 0.75) holding values exactly halfway between two E4M3 codes, the
+    review's 0.5390625 at (row of block 1, column 1), and a false tie in block row 2; an all-zero
+    block at block (0, 1)."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(rows, cols, generator=g) * torch.logspace(-2, 2, cols)).to(torch.bfloat16)
+    br, bc = block
+    midpoints = [(a + b) / 2 for a, b in zip(E4M3, E4M3[1:])]
+    for amax, block_row in ((105, 0), (336, 1)):
+        s = Fraction(amax, 448)
+        ties = [float(t * s) for t in midpoints if float(t * s) == float(torch.tensor(float(t * s)).bfloat16())]
+        values = torch.zeros(br * bc, dtype=torch.float64)
+        ties = ties[: values.numel() - 1]
+        values[0] = amax
+        values[1:1 + len(ties)] = torch.tensor(ties, dtype=torch.float64) * (1 - 2 * (torch.arange(len(ties)) % 2))
+        x[block_row * br:(block_row + 1) * br, :bc] = values.view(br, bc).to(torch.bfloat16)
+    x[br, 1] = 0.5390625  # the review's example: 0.71875 * 0.75, halfway between codes 0.6875 and 0.75
+    # A false tie: 114 / fl32(152 / 448) = 336.0000126, which one fp32 rounding makes 336, halfway
+    # between the codes 320 and 352 (BF16's short mantissas make such ratios common).
+    x[2 * br, :2] = torch.tensor([152.0, 114.0])
+    x[:br, bc:2 * bc] = 0
+    return x
+
+
+@pytest.mark.parametrize("block,scale,margin", [((1, 128), "fp32", 0), ((128, 128), "fp32", 0),
+                                                 ((1, 128), "fp32", 2), ((1, 128), "fp32", -1),
+                                                 ((128, 128), "pow2", 0), ((1, 128), "pow2", 1)],
+                         ids=["1x128", "128x128", "1x128-margin2", "1x128-margin-1", "128x128-pow2", "1x128-pow2-margin1"])
+def test_codes_and_scales_are_the_exactly_rounded_ones_bit_for_bit(block, scale, margin):
+    """scale = fl32(amax * 2^margin / 448) and code = RNE_E4M3(x / scale), both rounded once from the
+    exact quotient, on BF16 inputs including exact ties (0.5390625 in a tile of amax 336: scale 0.75,
+    code 0.75, not 0.6875 as with amax * fl32(1/448)), a false tie (114 in a tile of amax 152: code
+    352, not 320 as from the fp32 quotient), partial blocks and an all-zero block."""
+    rows, cols = (260, 300) if block[0] == 128 else (6, 300)
+    x = _bf16_tiles_with_ties(rows, cols, block)
+    q = quantize(x, block, scale=scale, margin=margin)
+    scales, codes = _reference(x, block, scale, margin)
+    want_scales = torch.tensor([[float(s) for s in row] for row in scales], dtype=torch.float64)
+    want_codes = torch.tensor([[float(c) for c in row] for row in codes], dtype=torch.float64)
+    assert torch.equal(q.scale_inv.double(), want_scales)
+    mismatch = (q.data.double() != want_codes).nonzero()
+    assert mismatch.numel() == 0, f"{len(mismatch)} codes differ, first at {mismatch[0].tolist()}"
+    if scale == "fp32" and margin == 0:  # the two cases the docstring names
+        assert q.scale_inv[1, 0] == 0.75 and float(q.data[block[0], 1]) == 0.75
+        assert float(q.data[2 * block[0], 1]) == 352
+    assert torch.equal(q.scale_inv[0, 1], torch.tensor(1.0)) and not q.data[: block[0], 128:256].float().any()
 
 
 def test_1x128_tiles_are_per_token_and_128_channels():
@@ -205,26 +318,3 @@ def test_token_segments_restart_the_weight_gradient_tiles():
     parts = weight_grad(EMULATED, dy[:170], x[:170]) + weight_grad(EMULATED, dy[170:], x[170:])
     torch.testing.assert_close(segmented, parts, rtol=1e-6, atol=1e-6)
     assert _rel_error(weight_grad(EMULATED, dy, x), parts.double()) > 1e-4
-
-
-# ---- the GPU backend's scale layouts, checked on the CPU ----
-def _size_stride(t, dim, size, stride):
-    return t.shape[dim] == size and (size == 1 or t.stride(dim) == stride)
-
-
-@pytest.mark.parametrize("m,k", [(256, 512), (100, 300), (64, 1536)])
-def test_scaled_mm_scales_have_the_layouts_pytorch_checks(m, k):
-    """The rules of aten/src/ATen/native/cuda/ScaledBlas.cpp (``is_blockwise_1x128_scaling`` and
-    ``is_blockwise_128x128_scaling``, applied to mat1 and to mat2's transpose), restated here."""
-    from megatron_dsv3.fp8.scaled_mm import _scale
-
-    chunks, blocks = -(-k // 128), -(-m // 128)
-    a1 = _scale(quantize(torch.randn(m, k), (1, 128)), m, "a")
-    assert _size_stride(a1, 0, m, 1) and _size_stride(a1, 1, chunks, m)  # outer-dim-major
-    b1 = _scale(quantize(torch.randn(m, k), (1, 128)), m, "b").t()
-    assert _size_stride(b1, 0, m, 1) and _size_stride(b1, 1, chunks, m)
-    for operand in ("a", "b"):
-        s = _scale(quantize(torch.randn(m, k), (128, 128)), m, operand)
-        s = s if operand == "a" else s.t()
-        row_stride = s.stride(0)
-        assert s.shape == (blocks, chunks) and s.stride(1) == 1 and row_stride in (chunks, -(-chunks // 4) * 4)

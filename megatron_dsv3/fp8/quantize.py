@@ -5,16 +5,21 @@ activation gradients, ``128 x 128`` blocks for weights; DeepSeek-V3 section 3.3.
 block gets one fp32 scale from its own absolute maximum, computed from the current tensor (online,
 not delayed):
 
-    scale_inv = amax * 2^margin / 448          (fp32 scales, DeepSeek's)
+    scale_inv = amax * 2^margin / 448          (fp32 scales, DeepSeek's; correctly rounded)
     scale_inv = 2^ceil(log2(amax * 2^margin / 448))   (power-of-two scales, Transformer Engine's default)
     q = saturate(x / scale_inv)  in float8_e4m3fn,      x ~= q * scale_inv
+
+Both roundings are the exact ones: ``scale_inv`` is the fp32 nearest to the real quotient, and the
+code is the E4M3 value nearest to the real ``x / scale_inv`` (ties to even), see
+:func:`scale_inv_from_amax` and :func:`_e4m3_codes`.
 
 ``scale_inv`` is what Transformer Engine and ``torch._scaled_mm`` call the (de)quantisation scale.
 Shapes that are not multiples of the block keep a partial last block, whose amax covers only the
 elements it holds.  Documented edge cases:
 
 * an all-zero block gets ``scale_inv = 1`` and zero codes (no division by zero);
-* a block whose amax is so small that ``amax / 448`` underflows fp32 is flushed to zero;
+* a block whose amax is so small that ``amax / 448`` underflows fp32 to zero gets ``scale_inv = 1``
+  (its codes flush to zero);
 * a non-finite value (inf or NaN) anywhere is an :class:`FP8NonFiniteError` naming the tensor, on
   the CPU at once and on a GPU through an asynchronous device assertion (no host sync), never a
   silent NaN weight.
@@ -96,17 +101,26 @@ def block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 def scale_inv_from_amax(amax: torch.Tensor, *, scale: str = "fp32", margin: int = 0,
                         amax_epsilon: float = 0.0) -> torch.Tensor:
-    """``amax * 2^margin / 448`` (``pow2``: rounded up to a power of two, so ``x / scale_inv`` never
-    exceeds 448); 1 for blocks with nothing representable (all zero, or underflowing)."""
+    """``amax * 2^margin / 448`` correctly rounded to fp32 (``pow2``: the smallest power of two at
+    least that quotient, so ``x / scale_inv`` never exceeds 448); 1 for blocks with nothing
+    representable (all zero, or a quotient that underflows fp32).
+
+    The quotient is formed in float64 and rounded once to fp32: ``amax * 2^margin`` is exact there,
+    and a float64 quotient rounded to fp32 is the correctly rounded fp32 quotient (double rounding
+    is harmless for division when 53 >= 2 * 24 + 2, Figueroa 1995).  Multiplying by ``fl32(1/448)``
+    instead is one ulp high in about half the blocks, which moves codes at rounding ties."""
     if amax_epsilon > 0:
         amax = amax.clamp_min(amax_epsilon)
-    scale_inv = amax * (2.0**margin / E4M3_MAX)
+    quotient = amax.to(torch.float64) * 2.0**margin / E4M3_MAX
     if scale == "pow2":
-        mantissa, exponent = torch.frexp(scale_inv)  # scale_inv = mantissa * 2^exponent, mantissa in [0.5, 1)
-        exact = mantissa == 0.5
-        scale_inv = torch.ldexp(torch.ones_like(scale_inv), torch.where(exact, exponent - 1, exponent))
+        # amax / 448 = (amax / 7) / 64 is a power of two only when amax = 7 * 2^j exactly; otherwise
+        # its binary expansion repeats 001, so float64 cannot round it onto a power of two either.
+        mantissa, exponent = torch.frexp(quotient)  # quotient = mantissa * 2^exponent, mantissa in [0.5, 1)
+        exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+        quotient = torch.ldexp(torch.ones_like(quotient), exponent)
     elif scale != "fp32":
         raise ValueError(f"unknown scale type {scale!r}")
+    scale_inv = quotient.to(torch.float32)
     return torch.where(scale_inv > 0, scale_inv, torch.ones_like(scale_inv))
 
 
@@ -120,6 +134,22 @@ def _check_finite(amax: torch.Tensor, role: str) -> None:
         raise FP8NonFiniteError(message)
 
 
+def _e4m3_codes(x: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """``saturate(x / scale_inv)`` rounded to the nearest E4M3 value, ties to even, as if from the
+    exact quotient.  An fp32 quotient rounded again to E4M3 can land on a false tie (x / s =
+    336.0000126 is 336.0 in fp32, halfway between the codes 320 and 352), so the fp32 quotient is
+    first made round-to-odd: an inexact quotient whose last bit is even moves one ulp toward the
+    exact one (the residual ``x - q * s`` is exact in float64).  A round-to-odd value with at least
+    two more bits than the target rounds as the exact value would (Boldo and Melquiond, "Emulation of
+    FMA and correctly rounded sums: proved algorithms using rounding to odd", IEEE TC 2008)."""
+    quotient = x / scale_inv
+    residual = x.to(torch.float64) - quotient.to(torch.float64) * scale_inv.to(torch.float64)
+    even = (quotient.view(torch.int32) & 1) == 0
+    toward = torch.where(residual > 0, torch.inf, -torch.inf).to(quotient.dtype)
+    quotient = torch.where((residual != 0) & even, torch.nextafter(quotient, toward), quotient)
+    return quotient.clamp_(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+
+
 def quantize(x: torch.Tensor, block: tuple[int, int], *, scale: str = "fp32", margin: int = 0,
              amax_epsilon: float = 0.0, role: str = "a tensor") -> BlockQuantized:
     """``x`` (2-D) as FP8 codes with one scale per ``block``; see the module docstring."""
@@ -130,7 +160,7 @@ def quantize(x: torch.Tensor, block: tuple[int, int], *, scale: str = "fp32", ma
     amax = blocks.abs().amax(dim=(1, 3))
     _check_finite(amax, role)
     scale_inv = scale_inv_from_amax(amax, scale=scale, margin=margin, amax_epsilon=amax_epsilon)
-    codes = (blocks / scale_inv[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    codes = _e4m3_codes(blocks, scale_inv[:, None, :, None])
     codes = codes.view(blocks.shape[0] * blocks.shape[1], blocks.shape[2] * blocks.shape[3])
     if codes.shape != x.shape:
         codes = codes[:rows, :cols].contiguous()
