@@ -24,7 +24,7 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("m,n,k", [(256, 384, 512), (200, 136, 300), (4096, 2048, 7168)])
+@pytest.mark.parametrize("m,n,k", [(256, 384, 512), (200, 136, 300), (4096, 2048, 7168), (512, 7168, 576)])
 @pytest.mark.parametrize("blocks", [((1, 128), (128, 128)), ((1, 128), (1, 128)), ((128, 128), (1, 128))],
                          ids=["1x128-128x128", "1x128-1x128", "128x128-1x128"])
 def test_scaled_mm_multiplies_the_same_fp8_codes_as_the_emulation(m, n, k, blocks):
