@@ -92,7 +92,8 @@ def _reference(x: torch.Tensor, block, scale: str, margin: int):
     codes = [[None] * cols for _ in range(rows)]
     for i in range(len(scales)):
         for j in range(len(scales[0])):
-            cells = [(r, c) for r in range(i * br, min(rows, (i + 1) * br)) for c in range(j * bc, min(cols, (j + 1) * bc))]
+            cells = [(r, c) for r in range(i * br, min(rows, (i + 1) * br))
+                     for c in range(j * bc, min(cols, (j + 1) * bc))]
             quotient = max(abs(values[r][c]) for r, c in cells) * Fraction(2) ** margin / 448
             if scale == "pow2" and quotient > 0:
                 power = Fraction(2) ** (quotient.numerator.bit_length() - quotient.denominator.bit_length() - 1)
@@ -135,7 +136,8 @@ def _bf16_tiles_with_ties(rows: int, cols: int, block) -> torch.Tensor:
 @pytest.mark.parametrize("block,scale,margin", [((1, 128), "fp32", 0), ((128, 128), "fp32", 0),
                                                  ((1, 128), "fp32", 2), ((1, 128), "fp32", -1),
                                                  ((128, 128), "pow2", 0), ((1, 128), "pow2", 1)],
-                         ids=["1x128", "128x128", "1x128-margin2", "1x128-margin-1", "128x128-pow2", "1x128-pow2-margin1"])
+                         ids=["1x128", "128x128", "1x128-margin2", "1x128-margin-1", "128x128-pow2",
+                              "1x128-pow2-margin1"])
 def test_codes_and_scales_are_the_exactly_rounded_ones_bit_for_bit(block, scale, margin):
     """scale = fl32(amax * 2^margin / 448) and code = RNE_E4M3(x / scale), both rounded once from the
     exact quotient, on BF16 inputs including exact ties (0.5390625 in a tile of amax 336: scale 0.75,

@@ -9,6 +9,7 @@ Engine's power-of-two default, Blackwell's power-of-two-only scales, Megatron-LM
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.fp8.recipes import ALWAYS_BF16, named_recipe
@@ -87,14 +88,31 @@ REFUSED = [
     ("{recipe: deepseek}", ["training.use_distributed_optimizer=false"], "fp8.moments", "precision-aware", "fp32"),
     ("{recipe: deepseek}", ["hardware.gpu=A100"], "hardware.gpu", "compute capability >= 9.0", "Hopper"),
     ("{scale: pow2}", [], "fp8.scale", "fp8.recipe is null", "fp8.recipe: deepseek"),
+    # Megatron's OptimizerConfig: "--use-precision-aware-optimizer requires FusedAdam from TransformerEngine"
+    ("{recipe: deepseek, backend: pytorch}", ["backend=local"], "fp8.moments", "Transformer Engine's FusedAdam",
+     "fp8.moments: fp32"),
+    # Megatron's TransformerConfig: at most num_layers // pipeline size BF16 layers at each end (4 // 2 here)
+    ("{recipe: deepseek, bf16_first_layers: 3}", ["parallel.pp=2", "parallel.world_size=2"], "fp8.bf16_first_layers",
+     "exceeds the 2 layers per pipeline stage", "at most 2"),
+    ("{recipe: deepseek, bf16_last_layers: 3}", ["parallel.pp=2", "parallel.world_size=2"], "fp8.bf16_last_layers",
+     "exceeds the 2 layers per pipeline stage", "fp8.backend: pytorch"),
 ]
+
+
+def _without_transformer_engine(monkeypatch):
+    from megatron_dsv3.model import backends
+
+    monkeypatch.setattr(backends, "transformer_engine_status",
+                        lambda: backends.TransformerEngineStatus(False, "Transformer Engine is not installed"))
 
 
 @pytest.mark.parametrize("fp8,sections,key,reason,fix", REFUSED,
                          ids=["fp32-scales-on-blackwell", "te-tp2-issue-1863", "te-block-64", "te-2d-by-2d",
                               "te-margin", "te-bf16-shared-experts", "pytorch-on-te-model", "bf16-moments-no-zero1",
-                              "pre-hopper", "keys-without-recipe"])
-def test_check_refuses_what_the_gpu_backend_or_layout_cannot_run(fp8, sections, key, reason, fix):
+                              "pre-hopper", "keys-without-recipe", "bf16-moments-without-te",
+                              "te-bf16-first-layers-per-stage", "te-bf16-last-layers-per-stage"])
+def test_check_refuses_what_the_gpu_backend_or_layout_cannot_run(fp8, sections, key, reason, fix, monkeypatch):
+    _without_transformer_engine(monkeypatch)
     recipe = _recipe(GPU, fp8, sections)
     report = check_recipe(recipe)
     assert not report.ok
@@ -103,11 +121,16 @@ def test_check_refuses_what_the_gpu_backend_or_layout_cannot_run(fp8, sections, 
     assert report.error.key == key
 
 
-def test_check_accepts_the_fixed_recipes():
+def test_check_accepts_the_fixed_recipes(monkeypatch):
+    _without_transformer_engine(monkeypatch)
+    pp2 = ["parallel.pp=2", "parallel.world_size=2"]
     for fp8, sections in [("{recipe: te-blockwise}", ["hardware.gpu=B200"]),
                           ("{recipe: deepseek}", ["hardware.gpu=H800"]),
-                          ("{recipe: deepseek, bf16_first_layers: 1, bf16_last_layers: 1}", [])]:
-        assert check_recipe(_recipe(GPU, fp8, sections)).error is None
+                          ("{recipe: deepseek, bf16_first_layers: 1, bf16_last_layers: 1}", []),
+                          ("{recipe: deepseek, bf16_first_layers: 2, bf16_last_layers: 2}", pp2),
+                          ("{recipe: deepseek, backend: pytorch, moments: fp32, bf16_first_layers: 3}",
+                           ["backend=local"] + pp2)]:
+        assert check_recipe(_recipe(GPU, fp8, sections)).error is None, (fp8, sections)
     cpu = _recipe(CPU, "{recipe: deepseek, moments: fp32, bf16_modules: [shared_experts, mtp]}")
     assert check_recipe(cpu).error is None
 
@@ -138,7 +161,8 @@ def test_transformer_engine_fp8_is_megatrons_blockwise_recipe_with_the_precision
     monkeypatch.delenv("NVTE_FP8_BLOCK_SCALING_FP32_SCALES", raising=False)
     args = _parse(["--dsv3-fp8", "deepseek", "--use-distributed-optimizer", "--bf16",
                    "--dsv3-fp8-bf16-first-layers", "1"], monkeypatch=monkeypatch, gpu=True)
-    assert (args.fp8, args.fp8_recipe, args.moe_router_padding_for_fp8) == ("e4m3", "blockwise", True)
+    # --moe-router-padding-for-quantization: the name Megatron 0.19 keeps (-for-fp8 is deprecated there)
+    assert (args.fp8, args.fp8_recipe, args.moe_router_padding_for_quantization) == ("e4m3", "blockwise", True)
     assert (args.first_last_layers_bf16, args.num_layers_at_start_in_bf16, args.num_layers_at_end_in_bf16) == (True, 1, 0)
     import torch
 
@@ -148,6 +172,31 @@ def test_transformer_engine_fp8_is_megatrons_blockwise_recipe_with_the_precision
     import os
 
     assert os.environ["NVTE_FP8_BLOCK_SCALING_FP32_SCALES"] == "1"
+
+
+def test_the_job_refuses_what_megatron_would_reject_later(monkeypatch):
+    """BF16 moments without Transformer Engine (Megatron's optimizer raises "requires FusedAdam from
+    TransformerEngine" after the model is built), and more BF16 layers at an end than a pipeline stage
+    holds (Megatron's TransformerConfig asserts), refused when the arguments are applied."""
+    from conftest import gpu_machine
+
+    from megatron_dsv3.args.compose import megatron_argv
+    from megatron_dsv3.args.settings import parse_megatron_args
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    with gpu_machine(monkeypatch), monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        _without_transformer_engine(m)
+        argv = megatron_argv("dsv3-tiny", backend="local", cpu=False, extra=[
+            "--dsv3-fp8", "deepseek", "--dsv3-fp8-backend", "pytorch", "--use-distributed-optimizer", "--bf16"])
+        with pytest.raises(ConfigError, match="FusedAdam.*Transformer Engine is not installed") as err:
+            parse_megatron_args(argv[2:])
+        assert err.value.key == "--dsv3-fp8-moments"
+    with pytest.raises(ConfigError, match="bf16_last_layers=3 exceeds the 2 layers per pipeline stage") as err:
+        _parse(["--dsv3-fp8", "te-blockwise", "--dsv3-fp8-bf16-last-layers", "3", "--pipeline-model-parallel-size", "2"],
+               monkeypatch=monkeypatch, gpu=True)
+    assert err.value.key == "--dsv3-fp8-bf16-last-layers"
 
 
 def test_an_explicit_megatron_fp8_flag_that_contradicts_the_plan_is_an_error(monkeypatch):

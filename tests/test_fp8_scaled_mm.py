@@ -73,7 +73,8 @@ def test_cublas_reads_a_128x128_scale_with_a_row_stride_of_four_chunks():
 
 
 def test_the_torch_version_names_the_rule():
-    assert [rule_for(v) for v in ("2.9.1+cu128", "2.10.0", "2.11.0+cu130", "3.0")] == ["padded", "exact", "exact", "exact"]
+    versions = ("2.9.1+cu128", "2.10.0", "2.11.0+cu130", "3.0")
+    assert [rule_for(v) for v in versions] == ["padded", "exact", "exact", "exact"]
 
 
 # ---- every call the backend makes ----
@@ -97,7 +98,8 @@ def test_fprop_dgrad_and_wgrad_of_an_fp8_linear_run_through_pytorchs_checks(mode
     on the PyTorch backend equal the emulated Linear; Dgrad over N = 576 (4.5 blocks, DeepSeek's
     kv_a_proj) pads K to 8 chunks, so the 128x128 scale's rows lie 8 apart under both rules."""
     g = torch.Generator().manual_seed(1)
-    x, w, dy = torch.randn(tokens, k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(tokens, n, generator=g)
+    x, dy = torch.randn(tokens, k, generator=g), torch.randn(tokens, n, generator=g)
+    w = torch.randn(n, k, generator=g) * 0.05
     results = {}
     for plan in (PYTORCH, EMULATED):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()

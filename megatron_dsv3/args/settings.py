@@ -55,7 +55,7 @@ _FLAGS = {
     "first_last_layers_bf16": "--first-last-layers-bf16",
     "num_layers_at_start_in_bf16": "--num-layers-at-start-in-bf16",
     "num_layers_at_end_in_bf16": "--num-layers-at-end-in-bf16",
-    "moe_router_padding_for_fp8": "--moe-router-padding-for-fp8",
+    "moe_router_padding_for_quantization": "--moe-router-padding-for-quantization",
     "use_precision_aware_optimizer": "--use-precision-aware-optimizer",
     "exp_avg_dtype": "--exp-avg-dtype",
     "exp_avg_sq_dtype": "--exp-avg-sq-dtype",
@@ -96,6 +96,7 @@ def fp8_plan(args: argparse.Namespace, backend: str):
     from megatron_dsv3.fp8.plan import FP8Plan
     from megatron_dsv3.fp8.recipes import named_recipe
     from megatron_dsv3.fp8.support import refusals, resolve_backend
+    from megatron_dsv3.model.backends import transformer_engine_status
 
     name = getattr(args, "dsv3_fp8", None)
     given = {dest: getattr(args, dest, None) for dest in FP8_OVERRIDES}
@@ -111,10 +112,11 @@ def fp8_plan(args: argparse.Namespace, backend: str):
     recipe = named_recipe(name).with_overrides(**{FP8_OVERRIDES[d]: v for d, v in given.items()})
     fp8_backend = resolve_backend(getattr(args, "dsv3_fp8_backend", "auto"), model_backend=backend, on_cpu=on_cpu)
     capability = None if on_cpu or not torch.cuda.is_available() else torch.cuda.get_device_capability()
+    te = transformer_engine_status()
     found = refusals(recipe, fp8_backend, model_backend=backend, device="cpu" if on_cpu else "cuda",
-                     capability=capability,
-                     tp=args.tensor_model_parallel_size, use_distributed_optimizer=args.use_distributed_optimizer,
-                     num_layers=args.num_layers)
+                     capability=capability, tp=args.tensor_model_parallel_size,
+                     pp=args.pipeline_model_parallel_size, use_distributed_optimizer=args.use_distributed_optimizer,
+                     num_layers=args.num_layers, te_usable=te.usable, te_reason=te.reason)
     if fp8_backend == "pytorch" and not found:
         from megatron_dsv3.fp8.scaled_mm import scaled_mm_status
 
@@ -138,7 +140,7 @@ def fp8_settings(args: argparse.Namespace, backend: str) -> dict:
     recipe = plan.recipe
     settings = {"dsv3_fp8_plan": plan}
     if plan.backend == "transformer_engine":
-        settings.update(fp8="e4m3", fp8_recipe="blockwise", moe_router_padding_for_fp8=True)
+        settings.update(fp8="e4m3", fp8_recipe="blockwise", moe_router_padding_for_quantization=True)
         if recipe.bf16_first_layers or recipe.bf16_last_layers:
             settings.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=recipe.bf16_first_layers,
                             num_layers_at_end_in_bf16=recipe.bf16_last_layers)

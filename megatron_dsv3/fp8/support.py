@@ -64,9 +64,10 @@ def _block_rules(recipe: FP8Recipe, backend: str, engine: str) -> list[Refusal]:
 
 
 def refusals(recipe: FP8Recipe, backend: str, *, model_backend: str, device: str,
-             capability: tuple[int, int] | None, tp: int, use_distributed_optimizer: bool,
-             num_layers: int) -> list[Refusal]:
-    """Why ``recipe`` cannot run on ``backend`` here (empty: it can).  ``capability`` None = unknown GPU."""
+             capability: tuple[int, int] | None, tp: int, pp: int, use_distributed_optimizer: bool,
+             num_layers: int, te_usable: bool, te_reason: str = "") -> list[Refusal]:
+    """Why ``recipe`` cannot run on ``backend`` here (empty: it can).  ``capability`` None = unknown GPU;
+    ``te_usable``: whether Transformer Engine will be importable where the job runs (``te_reason``: why not)."""
     found: list[Refusal] = []
     if backend not in FP8_BACKENDS or backend == "auto":
         raise ValueError(f"resolve the FP8 backend first (got {backend!r})")
@@ -89,16 +90,52 @@ def refusals(recipe: FP8Recipe, backend: str, *, model_backend: str, device: str
             found.append(Refusal("fp8.backend", f"torch._scaled_mm block-wise scaling runs only on SM90 (Hopper);"
                                  f" this GPU is SM{capability[0]}{capability[1]}",
                                  "use fp8.backend: transformer_engine (with backend: transformer_engine)"))
-    if recipe.moments == "bf16":
-        if device == "cpu" or not use_distributed_optimizer:
-            found.append(Refusal("fp8.moments", "fp8.moments=bf16 uses Megatron's precision-aware optimizer,"
-                                 " which needs --use-distributed-optimizer and Transformer Engine's FusedAdam on"
-                                 f" a GPU ({'hardware.device is cpu' if device == 'cpu' else 'use_distributed_optimizer is false'})",
-                                 "set fp8.moments: fp32, or training.use_distributed_optimizer: true on a GPU"))
-    if recipe.bf16_first_layers + recipe.bf16_last_layers > num_layers:
+    found += _moment_rules(recipe, device, use_distributed_optimizer, te_usable, te_reason)
+    found += _bf16_layer_rules(recipe, backend, num_layers, pp)
+    return found
+
+
+def _moment_rules(recipe: FP8Recipe, device: str, use_distributed_optimizer: bool, te_usable: bool,
+                  te_reason: str) -> list[Refusal]:
+    """BF16 moments are Megatron's precision-aware optimizer, which only the distributed optimizer and
+    Transformer Engine's FusedAdam implement (``OptimizerConfig.__post_init__`` raises "requires
+    FusedAdam from TransformerEngine" without it, whatever runs the GEMMs)."""
+    if recipe.moments != "bf16":
+        return []
+    if device == "cpu" or not use_distributed_optimizer:
+        why = "hardware.device is cpu" if device == "cpu" else "use_distributed_optimizer is false"
+        return [Refusal("fp8.moments", "fp8.moments=bf16 uses Megatron's precision-aware optimizer,"
+                        " which needs --use-distributed-optimizer and Transformer Engine's FusedAdam on"
+                        f" a GPU ({why})",
+                        "set fp8.moments: fp32, or training.use_distributed_optimizer: true on a GPU")]
+    if not te_usable:
+        return [Refusal("fp8.moments", "fp8.moments=bf16 uses Megatron's precision-aware optimizer, which needs"
+                        f" Transformer Engine's FusedAdam, and Transformer Engine is not usable ({te_reason})",
+                        "set fp8.moments: fp32 (AdamW moments in FP32), or install Transformer Engine"
+                        " (pip install megatron-dsv3[te]) and use backend: transformer_engine")]
+    return []
+
+
+def _bf16_layer_rules(recipe: FP8Recipe, backend: str, num_layers: int, pp: int) -> list[Refusal]:
+    """The BF16 first / last layer counts.  Megatron keeps them through Transformer Engine's path only
+    and allows at most ``num_layers // pipeline size`` at each end (``TransformerConfig.__post_init__``
+    raises "must be between 0 and number of layers per pipeline stage"); the local backends' policy
+    takes any count up to the model's layers."""
+    found = []
+    first, last = recipe.bf16_first_layers, recipe.bf16_last_layers
+    if first + last > num_layers:
         found.append(Refusal("fp8.bf16_first_layers", f"fp8.bf16_first_layers + bf16_last_layers ="
-                             f" {recipe.bf16_first_layers + recipe.bf16_last_layers} exceeds the {num_layers} layers",
+                             f" {first + last} exceeds the {num_layers} layers",
                              "lower them (or drop the fp8 section: the whole model in BF16)"))
+    if backend == "transformer_engine":
+        per_stage = num_layers // max(pp, 1)
+        for key, count in (("bf16_first_layers", first), ("bf16_last_layers", last)):
+            if count > per_stage:
+                found.append(Refusal(f"fp8.{key}", f"fp8.{key}={count} exceeds the {per_stage} layers per pipeline"
+                                     f" stage ({num_layers} layers // pipeline size {pp}), the most Megatron keeps in"
+                                     " BF16 at each end with Transformer Engine's FP8",
+                                     f"set fp8.{key} to at most {per_stage}, or use fp8.backend: pytorch"
+                                     " (backend: local), which keeps any number of layers in BF16"))
     return found
 
 

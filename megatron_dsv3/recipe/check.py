@@ -232,6 +232,7 @@ def _check_data_and_checkpoint(recipe) -> None:
 # ---- FP8 (megatron_dsv3.fp8): a recipe the GPU, backend or layout cannot run is refused ----
 def _check_fp8(recipe, layout: ParallelLayout) -> None:
     from megatron_dsv3.fp8.support import gpu_capability, refusals, resolve_backend
+    from megatron_dsv3.model.backends import transformer_engine_status
 
     section = recipe.fp8
     try:
@@ -249,10 +250,13 @@ def _check_fp8(recipe, layout: ParallelLayout) -> None:
     if recipe.backend == "auto" and section.backend in ("auto", "transformer_engine") and not recipe.is_cpu:
         model_backend = "transformer_engine"  # auto on a GPU: checked as the backend FP8 would run on
     backend = resolve_backend(section.backend, model_backend=model_backend, on_cpu=recipe.is_cpu)
+    # Transformer Engine comes with its model backend; without it, only if it imports on this machine.
+    te = None if model_backend == "transformer_engine" else transformer_engine_status()
     found = refusals(fp8, backend, model_backend=model_backend, device=recipe.hardware.device,
-                     capability=gpu_capability(recipe.hardware.gpu), tp=layout.tp,
+                     capability=gpu_capability(recipe.hardware.gpu), tp=layout.tp, pp=layout.pp,
                      use_distributed_optimizer=recipe.training.use_distributed_optimizer,
-                     num_layers=recipe.preset.num_layers)
+                     num_layers=recipe.preset.num_layers, te_usable=te is None or te.usable,
+                     te_reason="" if te is None else f"the model backend is {model_backend}, and here {te.reason}")
     if found:
         first = found[0]
         raise _fail(recipe, first.key, f"fp8.recipe={fp8.name} ({backend}): {first.problem}", first.fix)

@@ -120,11 +120,13 @@ class ScaledBlasModel:
         if mat1.dim() != 2 or mat2.dim() != 2:
             raise RuntimeError("mat1 and mat2 must be matrices")
         if mat1.size(1) != mat2.size(0):
-            raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({tuple(mat1.shape)} and {tuple(mat2.shape)})")
+            raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({tuple(mat1.shape)} and"
+                               f" {tuple(mat2.shape)})")
         scaling = self.scaling(mat1, mat2, scale_a, scale_b)
         (m, k), n = mat1.shape, mat2.size(1)
         if k % 16:
-            raise RuntimeError(f"Expected trailing dimension of mat1 to be divisible by 16 but got mat1 shape: ({m}x{k})")
+            raise RuntimeError(f"Expected trailing dimension of mat1 to be divisible by 16 but got mat1 shape:"
+                               f" ({m}x{k})")
         if mat2.size(0) % 16 or n % 16:
             raise RuntimeError(f"mat2 shape ({mat2.size(0)}x{n}) must be divisible by 16")
         if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
