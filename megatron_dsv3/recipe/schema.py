@@ -158,10 +158,13 @@ class FP8Section:
                                  " appendix B.2)", choices=BLOCK_KINDS)
     margin: int | None = key(None, "scale headroom: scale_inv = amax * 2^margin / 448")
     amax_epsilon: float | None = key(None, "floor of each block's amax")
-    bf16_first_layers: int | None = key(None, "keep the first N decoder layers in BF16")
-    bf16_last_layers: int | None = key(None, "keep the last N decoder layers in BF16")
+    bf16_first_layers: int | None = key(None, "keep the first N decoder layers in BF16 (with Transformer Engine"
+                                        " at most layers // pp)")
+    bf16_last_layers: int | None = key(None, "keep the last N decoder layers in BF16 (with Transformer Engine"
+                                       " at most layers // pp)")
     bf16_modules: list[str] | None = key(None, "also keep these in BF16", choices=OPTIONAL_BF16)
-    moments: str | None = key(None, "AdamW moments: bf16 (precision-aware optimizer) or fp32", choices=MOMENTS)
+    moments: str | None = key(None, "AdamW moments: bf16 (precision-aware optimizer; needs Transformer Engine's"
+                              " FusedAdam) or fp32", choices=MOMENTS)
 
     OVERRIDES = ("scale", "block_size", "activation_block", "weight_block", "grad_block", "margin",
                  "amax_epsilon", "bf16_first_layers", "bf16_last_layers", "bf16_modules", "moments")
