@@ -43,7 +43,9 @@ def _mlp_errors(sizes):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_dsv3.fp8.linear import FP8ColumnParallelLinear, FP8RowParallelLinear, _FP8Linear
-    from megatron_dsv3.fp8.plan import FP8Plan, attach
+    from megatron_dsv3.fp8.plan import FP8Plan
+    from megatron_dsv3.fp8.provider import model_options
+    from megatron_dsv3.model.options import attach_options
     from megatron_dsv3.fp8.recipes import named_recipe
     from megatron_dsv3.testing import parallel
 
@@ -62,7 +64,7 @@ def _mlp_errors(sizes):
         config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4, tensor_model_parallel_size=tp,
                                    sequence_parallel=True, use_cpu_initialization=True, perform_initialization=False,
                                    gradient_accumulation_fusion=False, params_dtype=torch.float32)
-        attach(config, plan)
+        attach_options(config, model_options(plan))
         g = torch.Generator().manual_seed(0)
         w1, w2 = torch.randn(ffn, hidden, generator=g) * 0.05, torch.randn(hidden, ffn, generator=g) * 0.05
         x, dy = torch.randn(tokens, 2, hidden, generator=g), torch.randn(tokens, 2, hidden, generator=g)

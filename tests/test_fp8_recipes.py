@@ -208,12 +208,14 @@ def test_an_explicit_megatron_fp8_flag_that_contradicts_the_plan_is_an_error(mon
 
 def test_on_cpu_the_local_backend_gets_the_emulated_fp8_linears(monkeypatch):
     from megatron_dsv3.args.settings import transformer_config
-    from megatron_dsv3.model.providers import FP8LocalSpecProvider, provider_for
+    from megatron_dsv3.fp8.plan import plan_of
+    from megatron_dsv3.fp8.provider import FP8LocalSpecProvider
+    from megatron_dsv3.model.providers import provider_for
 
     args = _parse(["--dsv3-fp8", "deepseek", "--dsv3-fp8-moments", "fp32"], monkeypatch=monkeypatch, gpu=False)
     assert args.fp8 is None and not args.use_precision_aware_optimizer
     config = transformer_config(args)
-    assert config.dsv3_fp8.backend == "emulated" and config.dsv3_fp8.recipe.scale == "fp32"
+    assert plan_of(config).backend == "emulated" and plan_of(config).recipe.scale == "fp32"
     assert isinstance(provider_for(config), FP8LocalSpecProvider)
     with pytest.raises(ConfigError, match="fp8.moments=bf16 uses Megatron's precision-aware optimizer"):
         _parse(["--dsv3-fp8", "deepseek"], monkeypatch=monkeypatch, gpu=False)

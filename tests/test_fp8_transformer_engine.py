@@ -137,6 +137,7 @@ def test_megatrons_get_fp8_recipe_returns_the_plans_recipe(megatron_single_proce
     from megatron.core import fp8_utils
 
     from megatron_dsv3.fp8.plan import FP8Plan
+    from megatron_dsv3.model.options import ModelOptions
 
     common = types.ModuleType("transformer_engine.common")
     common.recipe = te_recipe
@@ -146,7 +147,7 @@ def test_megatrons_get_fp8_recipe_returns_the_plans_recipe(megatron_single_proce
     monkeypatch.setitem(sys.modules, "transformer_engine.common", common)
     monkeypatch.setitem(sys.modules, "transformer_engine.common.recipe", te_recipe)
     plan = FP8Plan(recipe=named_recipe("deepseek"), backend="transformer_engine")
-    config = types.SimpleNamespace(dsv3_fp8=plan, fp8_recipe="blockwise", fp8="e4m3")
+    config = types.SimpleNamespace(dsv3_options=ModelOptions(fp8_plan=plan), fp8_recipe="blockwise", fp8="e4m3")
     te = fp8_utils.get_fp8_recipe(config)
     assert isinstance(te, te_recipe.Float8BlockScaling) and te.fp8_quant_bwd_grad.power_2_scale is False
     # Without a plan Megatron's own function answers (no Transformer Engine here: None).

@@ -21,6 +21,7 @@ import sys
 
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.backends import resolve_backend
+from megatron_dsv3.model.options import attach_options
 from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, Placement, ScheduleOptions, megatron_layout, place
 
 # Megatron argument (dest) -> value, per decision.
@@ -279,14 +280,15 @@ def transformer_config(args: argparse.Namespace):
     """The ``TransformerConfig`` (an ``MLATransformerConfig``) for parsed arguments, placement attached."""
     from megatron.training.arguments import core_transformer_config_from_args
 
-    return attach_fp8(attach_placement(core_transformer_config_from_args(args), args), args)
+    return attach_model_options(attach_placement(core_transformer_config_from_args(args), args), args)
 
 
-def attach_fp8(config, args: argparse.Namespace):
-    """Put the FP8 plan the arguments resolved to on a ``TransformerConfig`` (megatron_dsv3.fp8.plan)."""
-    from megatron_dsv3.fp8.plan import attach
+def attach_model_options(config, args: argparse.Namespace):
+    """Give a ``TransformerConfig`` the model options the arguments imply (``megatron_dsv3.model.options``):
+    today those of the FP8 plan they resolved to (``--dsv3-fp8``), if any."""
+    from megatron_dsv3.fp8.provider import model_options
 
-    return attach(config, getattr(args, "dsv3_fp8_plan", None))
+    return attach_options(config, model_options(getattr(args, "dsv3_fp8_plan", None)))
 
 
 def parse_megatron_args(argv: list[str], *, quiet: bool = True) -> argparse.Namespace:

@@ -125,9 +125,9 @@ class FP8LinearMixin:
     def _init_fp8(self, config, input_size: int, output_size: int) -> None:
         self.fp8 = plan_of(config)
         if self.fp8 is None or not self.fp8.runs_local_linears:
-            raise ValueError("an FP8 Linear was built from a config without a local FP8 plan"
-                             " (megatron_dsv3.fp8.plan.attach); use the provider megatron_dsv3.model.providers"
-                             ".provider_for(config)")
+            raise ValueError("an FP8 Linear was built from a config without a local FP8 plan; give the"
+                             " config megatron_dsv3.fp8.provider.model_options(plan) (attach it with"
+                             " megatron_dsv3.model.options.attach_options)")
         self.fp8_name = f"{type(self).__name__}({input_size}->{output_size})"
 
     def _fp8_apply(self, input, weight, bias, allreduce_dgrad, sequence_parallel, tp_group):

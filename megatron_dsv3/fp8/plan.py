@@ -1,9 +1,9 @@
 """What a model's FP8 Linears run: a recipe and the backend that executes it, carried by the config.
 
-``FP8Plan`` is decided once, where the job runs (:func:`megatron_dsv3.fp8.support.resolve_plan`,
-called by :mod:`megatron_dsv3.args.settings`), and attached to every ``TransformerConfig`` Megatron
-makes from the arguments (:func:`attach`), as the placement is.  The spec's provider
-(:func:`megatron_dsv3.model.providers.provider_for`) reads it with :func:`plan_of`.
+``FP8Plan`` is decided once, where the job runs (``fp8_plan`` in :mod:`megatron_dsv3.args.settings`,
+with the refusals of :mod:`megatron_dsv3.fp8.support`), and every ``TransformerConfig`` Megatron makes
+from the arguments carries it in its options (:func:`megatron_dsv3.fp8.provider.model_options`, which
+also names the FP8 provider and the BF16 policy); FP8's modules read it with :func:`plan_of`.
 
 Backends: ``transformer_engine`` (Megatron's own FP8 path through TE's ``Float8BlockScaling``),
 ``pytorch`` (``torch._scaled_mm`` on an SM90 GPU, :mod:`megatron_dsv3.fp8.scaled_mm`) and
@@ -19,10 +19,10 @@ import torch
 
 from megatron_dsv3.fp8.quantize import BlockQuantized, quantize_for
 from megatron_dsv3.fp8.recipes import FP8Recipe
+from megatron_dsv3.model.options import options_of
 
 FP8_BACKENDS = ("auto", "transformer_engine", "pytorch", "emulated")
 LOCAL_FP8_BACKENDS = ("pytorch", "emulated")  # run by our Linears on Megatron's local backend
-_ATTRIBUTE = "dsv3_fp8"
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,6 @@ class FP8Plan:
         return self.backend in LOCAL_FP8_BACKENDS
 
 
-def attach(config, plan: FP8Plan | None):
-    """Give a Megatron ``TransformerConfig`` its FP8 plan (None: no FP8)."""
-    setattr(config, _ATTRIBUTE, plan)
-    return config
-
-
 def plan_of(config) -> FP8Plan | None:
     """The FP8 plan a ``TransformerConfig`` (or ``GPTModelConfig``) carries, None without FP8."""
-    config = getattr(config, "transformer", config)
-    return getattr(config, _ATTRIBUTE, None)
+    return options_of(config).fp8_plan

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from megatron.training.models.gpt import GPTModelBuilder
 
-from megatron_dsv3.fp8.policy import keep_bf16_modules
+from megatron_dsv3.model.options import options_of
 from megatron_dsv3.parallel.placement import placement_of
 
 BUILDER = "megatron_dsv3.model.build.DSV3ModelBuilder"
@@ -22,13 +22,13 @@ class DSV3ModelBuilder(GPTModelBuilder):
     Megatron decides them as "first rank and first virtual stage" / "last rank and last virtual
     stage", which is the placement's answer for 1F1B and interleaved and the wrong one for
     DualPipe(V).  Before the chunks are wrapped, the copies a DeepSeek placement keeps are made
-    equal (:func:`_equalise_copies`) and an FP8 recipe's BF16 modules are switched back to BF16
-    (:func:`megatron_dsv3.fp8.policy.keep_bf16_modules`).
+    equal (:func:`_equalise_copies`), then the hooks the config's options name run (an FP8 recipe's
+    BF16 policy, :func:`megatron_dsv3.fp8.policy.keep_bf16_modules`).
     """
 
     def __init__(self, model_config):
         super().__init__(model_config)
-        for hook in (_equalise_copies, keep_bf16_modules):
+        for hook in (_equalise_copies, *options_of(model_config).pre_wrap_hooks):
             if hook not in model_config.pre_wrap_hooks:
                 model_config.pre_wrap_hooks.append(hook)
 
@@ -43,8 +43,6 @@ def _equalise_copies(chunks):
     marked as replicas; then every extra embedding copy on a rank takes the weights of the chunk
     that embeds the tokens (DualPipeV's rank 0: the MTP copy; Megatron's first/last-rank
     all-reduce of such copies has no second rank to read them from)."""
-    from megatron_dsv3.parallel.placement import placement_of
-
     placement = placement_of(chunks[0].config)
     if placement.schedule == "dualpipe":
         _copy_mirrors(chunks, placement)

@@ -5,8 +5,10 @@ The spec (:mod:`megatron_dsv3.model.spec`) builds every Linear from a provider: 
 ``row_parallel_linear()`` for the rest), the dense MLP, the routed experts
 (``grouped_mlp_modules()``), the shared experts and MTP's projection.  A different provider (FP8
 linears, a deferred weight gradient) therefore swaps all of them at once; :func:`provider_for` is the
-one place that chooses.  Embedding, output head and router are not Linears of the spec: Megatron's
-``GPTModel`` and ``TopKRouter`` build them, and they stay in BF16 (paper section 3.3).
+one place that chooses, from the backend or from the provider a config's options name
+(:mod:`megatron_dsv3.model.options`; the FP8 provider is :mod:`megatron_dsv3.fp8.provider`).
+Embedding, output head and router are not Linears of the spec: Megatron's ``GPTModel`` and
+``TopKRouter`` build them, and they stay in BF16 (paper section 3.3).
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from megatron_dsv3.fp8.experts import FP8SequentialMLP
-from megatron_dsv3.fp8.linear import FP8ColumnParallelLinear, FP8DuplicatedLinear, FP8RowParallelLinear
-from megatron_dsv3.fp8.plan import plan_of
 from megatron_dsv3.model.attention import MLACoreAttention
 from megatron_dsv3.model.linear import DuplicatedLinear
 from megatron_dsv3.model.norm import RMSNorm
+from megatron_dsv3.model.options import options_of
 from megatron_dsv3.model.wgrad import (
     DeferrableColumnParallelLinear,
     DeferrableDuplicatedLinear,
@@ -39,9 +39,11 @@ class DSV3LocalSpecProvider(LocalSpecProvider):
     * ``linear``: a linear replicated on every tensor-parallel rank for MLA's down-projections, as
       Transformer Engine's spec does (Megatron's local spec splits them, which loses part of the
       rope-key gradient under TP, see :mod:`megatron_dsv3.model.linear`);
-    * ``grouped_mlp_modules``: the routed experts from this provider's own linears (Megatron's local
-      provider names its classes directly, so a subclass could not swap them).
+    * ``grouped_mlp_modules``: the routed experts (``experts_class``) from this provider's own linears
+      (Megatron's local provider names its classes directly, so a subclass could not swap them).
     """
+
+    experts_class: type = SequentialMLP
 
     def linear(self) -> type:
         return DuplicatedLinear
@@ -54,7 +56,7 @@ class DSV3LocalSpecProvider(LocalSpecProvider):
 
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool):
         return partial(
-            SequentialMLP,
+            self.experts_class,
             submodules=MLPSubmodules(
                 linear_fc1=self.column_parallel_linear(),
                 linear_fc2=self.row_parallel_linear(),
@@ -76,47 +78,17 @@ class DeferringLocalSpecProvider(DSV3LocalSpecProvider):
         return DeferrableDuplicatedLinear
 
 
-# ---- FP8 (megatron_dsv3.fp8) ----
-class FP8LocalSpecProvider(DeferringLocalSpecProvider):
-    """The local backend with every spec Linear in block-wise FP8 (DeepSeek-V3 section 3.3).
-
-    MLA's projections, the dense MLP, the shared experts, MTP's projection and the routed experts
-    (one FP8 GEMM per expert: PyTorch has no block-wise FP8 grouped GEMM) all come from
-    :mod:`megatron_dsv3.fp8.linear`; each can defer its weight GEMM (DualPipe's W).  The embedding,
-    output head, router, norms and core attention are not Linears of the spec and stay BF16.
-    """
-
-    def column_parallel_linear(self) -> type:
-        return FP8ColumnParallelLinear
-
-    def row_parallel_linear(self) -> type:
-        return FP8RowParallelLinear
-
-    def linear(self) -> type:
-        return FP8DuplicatedLinear
-
-    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool):
-        return partial(
-            FP8SequentialMLP,
-            submodules=MLPSubmodules(
-                linear_fc1=self.column_parallel_linear(),
-                linear_fc2=self.row_parallel_linear(),
-                activation_func=self.activation_func(),
-            ),
-        )
-
-
 def provider_for(config) -> BackendSpecProvider:
-    """The provider for a config's backend (``config.transformer_impl``, already resolved).
+    """The provider for a config: the one its options name (FP8's, say: ``megatron_dsv3.model.options``),
+    else the backend's (``config.transformer_impl``, already resolved).
 
     Under DeepSeek's schedules the local backend's linears can defer their weight gradient (the
     schedule's W, :mod:`megatron_dsv3.model.wgrad`); not deferring, they compute what Megatron's do.
-    With an FP8 plan for the local backend (:mod:`megatron_dsv3.fp8.plan`) every Linear is FP8;
     Transformer Engine's FP8 is Megatron's own (``--fp8-recipe blockwise``), on TE's provider.
     """
-    plan = plan_of(config)
-    if config.transformer_impl == "local" and plan is not None and plan.runs_local_linears:
-        return FP8LocalSpecProvider()
+    chosen = options_of(config).provider
+    if chosen is not None:
+        return chosen()
     if config.transformer_impl == "local":
         if placement_of(config).schedule in DEEPSEEK_SCHEDULES:
             return DeferringLocalSpecProvider()

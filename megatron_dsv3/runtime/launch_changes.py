@@ -157,16 +157,16 @@ def configs_carry_the_dualpipe_placement():
     from the arguments gets the placement as its ``pipeline_model_parallel_layout`` (a subclass of
     Megatron's layout that answers from the placement, ``megatron_dsv3.parallel.placement``), so
     layer building, layer numbering and checkpoint keys follow it.  Without those schedules the
-    config is returned unchanged.  The same wrapper attaches the FP8 plan of ``--dsv3-fp8``
-    (``megatron_dsv3.fp8.plan``), which the spec's provider reads.
+    config is returned unchanged.  The same wrapper attaches the model options the arguments imply
+    (``megatron_dsv3.model.options``: the FP8 plan of ``--dsv3-fp8``, its provider and BF16 policy).
     """
-    from megatron_dsv3.args.settings import attach_fp8, attach_placement
+    from megatron_dsv3.args.settings import attach_model_options, attach_placement
 
     make_config = original("megatron.training.argument_utils.core_transformer_config_from_args")
 
     def core_transformer_config_from_args(args, config_class=None):
         config = make_config(args, config_class) if config_class is not None else make_config(args)
-        return attach_fp8(attach_placement(config, args), args)  # and the FP8 plan (--dsv3-fp8)
+        return attach_model_options(attach_placement(config, args), args)  # and the FP8 plan (--dsv3-fp8)
 
     replace("megatron.training.argument_utils.core_transformer_config_from_args", core_transformer_config_from_args)
     replace("megatron.training.arguments.core_transformer_config_from_args", core_transformer_config_from_args)
