@@ -32,7 +32,7 @@ RECIPE = "deepseek-v3-671b-h800-2048"
 
 def simulated_671b() -> None:
     from megatron_dsv3.pipeline import compare
-    from megatron_dsv3.pipeline.costs import recipe_costs
+    from megatron_dsv3.recipe.schedule import recipe_costs
     from megatron_dsv3.pipeline.engine import DEEPSEEK
     from megatron_dsv3.recipe import load_recipe
 

@@ -157,40 +157,21 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_schedule(ns: argparse.Namespace) -> int:
     from megatron_dsv3.pipeline import compare
-    from megatron_dsv3.pipeline.engine import DEEPSEEK
 
     schedules = compare.parse_schedules(ns.schedule)
     extra: dict = {}
     unit = ""
     if ns.recipe:
-        from megatron_dsv3.pipeline.costs import Machine, recipe_costs
         from megatron_dsv3.recipe import load_recipe
+        from megatron_dsv3.recipe.schedule import recipe_schedule
 
-        recipe = load_recipe(ns.recipe, ns.overrides)
-        default = Machine.default(recipe.precision, recipe.hardware.gpus_per_node)
-        machine = Machine(tflops=ns.tflops or default.tflops, ib_gbs=ns.ib_gbs or default.ib_gbs,
-                          nvlink_gbs=ns.nvlink_gbs or default.nvlink_gbs, gpus_per_node=default.gpus_per_node)
-        model, context = recipe_costs(recipe, machine)
-        pp, microbatches = context["pp"], ns.microbatches or context["microbatches"]
-        vpp = ns.vpp or context["vpp"] or 2
-        if ns.fb is None:  # as a DualPipe job of this recipe would resolve it
-            from megatron_dsv3.recipe.check import schedule_options
-            from megatron_dsv3.recipe.sizes import parallel_layout
-
-            resolved = schedule_options(recipe, parallel_layout(recipe), "dualpipe")
-            overlap, why = resolved.options.fb_overlap, f"; DualPipe(V): F&B overlap {resolved.why['fb_overlap']}"
-        else:
-            overlap, why = ns.fb, "; DualPipe(V) overlap their pairs" if ns.fb else ""
-        costs_for = lambda s: model.costs(overlap and s in DEEPSEEK)  # noqa: E731
-        extra = {"recipe": recipe.name, **context, "microbatches": microbatches, "model_ms": model.to_dict(),
-                 "fb_overlap": overlap}
-        unit = " ms"
-        print(f"recipe {recipe.name}: pp {pp}, ep {context['ep']}, {microbatches} micro-batches per step;"
-              f" per micro-batch and rank share: forward {model.forward_compute:.1f} ms compute +"
-              f" {model.forward_a2a:.1f} ms all-to-all, backward {model.backward_compute:.1f} +"
-              f" {model.backward_a2a:.1f} ms (weight part {model.weight_compute:.1f}), stage transfer"
-              f" {model.p2p:.2f} ms; {machine.tflops:g} TFLOP/s, IB {machine.ib_gbs:g} GB/s"
-              + why if not ns.json else "")
+        simulated = recipe_schedule(load_recipe(ns.recipe, ns.overrides), tflops=ns.tflops, ib_gbs=ns.ib_gbs,
+                                    nvlink_gbs=ns.nvlink_gbs, microbatches=ns.microbatches, vpp=ns.vpp,
+                                    fb_overlap=ns.fb)
+        pp, microbatches, vpp, costs_for = simulated.pp, simulated.microbatches, simulated.vpp, simulated.costs_for
+        extra, unit = simulated.context, " ms"
+        if not ns.json:
+            print(simulated.summary)
     else:
         pp, microbatches, vpp = ns.pp, ns.microbatches or 2 * 2 * ns.pp, ns.vpp or 2
         costs = compare.Costs(F=ns.f, B=ns.b, W=ns.w, FB=ns.fb_cost, C=ns.comm)

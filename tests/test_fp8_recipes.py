@@ -117,7 +117,7 @@ def test_check_refuses_what_the_gpu_backend_or_layout_cannot_run(fp8, sections, 
     report = check_recipe(recipe)
     assert not report.ok
     text = str(report.error)
-    assert text.startswith(("mine.yaml:", "override '")) and reason in text and f"Fix: " in text and fix in text.split("Fix:")[1]
+    assert text.startswith(("mine.yaml:", "override '")) and reason in text and "Fix: " in text and fix in text.split("Fix:")[1]
     assert report.error.key == key
 
 

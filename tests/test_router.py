@@ -8,7 +8,6 @@ balance the load.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from megatron_dsv3.model.presets import get_preset

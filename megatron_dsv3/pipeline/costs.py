@@ -1,6 +1,6 @@
 """A cost model for the pipeline simulator: a model's forward, backward and weight-gradient times per
 micro-batch and rank, and the expert-parallel all-to-all they wait for, from the architecture and a
-few machine numbers (``megatron-dsv3 schedule --recipe``).
+few machine numbers (``megatron-dsv3 schedule --recipe``; a recipe's figures: :mod:`megatron_dsv3.recipe.schedule`).
 
 It is a model, not a measurement.  Its assumptions:
 
@@ -109,19 +109,3 @@ def model_costs(preset: ModelPreset, *, pp: int, ep: int, micro_batch_size: int,
     p2p = tokens * h * 2 / (machine.ib_gbs * 1e6) if pp > 1 else 0.0
     return ModelCosts(forward_compute=forward, backward_compute=2 * forward, weight_compute=weight,
                       forward_a2a=forward_a2a, backward_a2a=backward_a2a, p2p=p2p)
-
-
-def recipe_costs(recipe, machine: Machine | None = None, world_size: int | None = None) -> tuple[ModelCosts, dict]:
-    """The cost model for ``recipe`` at its parallel sizes, and the figures it used."""
-    from megatron_dsv3.recipe.sizes import num_microbatches, parallel_layout
-
-    layout = parallel_layout(recipe, world_size)
-    machine = machine or Machine.default(recipe.precision, recipe.hardware.gpus_per_node)
-    costs = model_costs(recipe.preset, pp=layout.pp, ep=layout.ep,
-                        micro_batch_size=recipe.training.micro_batch_size, precision=recipe.precision,
-                        machine=machine)
-    context = {"pp": layout.pp, "ep": layout.ep, "microbatches": num_microbatches(recipe, layout),
-               "schedule": layout.schedule, "vpp": layout.vpp, "precision": recipe.precision,
-               "machine": {"tflops": machine.tflops, "ib_gbs": machine.ib_gbs, "nvlink_gbs": machine.nvlink_gbs,
-                           "gpus_per_node": machine.gpus_per_node}}
-    return costs, context

@@ -12,10 +12,10 @@ from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.backends import planned_backend
 from megatron_dsv3.model.validation import validate
 from megatron_dsv3.parallel.layout import ParallelLayout
-from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, place
-from megatron_dsv3.pipeline.constraints import ResolvedOptions, decide_options
+from megatron_dsv3.parallel.placement import place
 from megatron_dsv3.pipeline.engine import check_microbatches
 from megatron_dsv3.recipe.sizes import fail as _fail
+from megatron_dsv3.recipe.schedule import schedule_options
 from megatron_dsv3.recipe.sizes import global_batch, parallel_layout
 
 
@@ -112,21 +112,6 @@ def _check_ramp(recipe, unit: int) -> int:
         raise _fail(recipe, path, f"{path}: {samples} ramp-up samples are fewer than the ramp's steps",
                     "give the ramp-up length in sequences (samples)")
     return start
-
-
-def schedule_options(recipe, layout: ParallelLayout, schedule: str | None) -> ResolvedOptions | None:
-    """DualPipe(V)'s options as the job will resolve them, and why (None for Megatron's schedules)."""
-    if schedule not in DEEPSEEK_SCHEDULES:
-        return None
-    rc = recipe.training.recompute
-    backend = "local" if recipe.is_cpu or recipe.backend == "auto" else recipe.backend
-    try:
-        return decide_options(schedule, ep=layout.ep, backend=backend, zero_bubble=layout.zero_bubble,
-                              fb_overlap=layout.fb_overlap, recompute_granularity=rc.granularity,
-                              recompute_modules=rc.modules, mtp_num_layers=recipe.preset.mtp_num_layers,
-                              overlap_grad_reduce="--overlap-grad-reduce" in recipe.extra_args)
-    except ConfigError as err:
-        raise recipe.locate(err) from None
 
 
 def _check_lr_schedule(recipe) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.testing import parallel
