@@ -511,27 +511,10 @@ def test_written_checkpoint_loads_in_transformers_from_pretrained(tmp_path):
         else:
             released[name] = state[name]
     write_hf_checkpoint(tmp_path / "out", p, iter(released.items()), plan=_plan(released), max_shard_bytes=60_000)
-    # Loaded in a fresh process, as a serving job loads it (in a process where Megatron has built a
-    # model, transformers' from_pretrained has given different logits from equal weights; not
-    # understood yet, see docs/checkpoints.md).
-    tokens = torch.randint(0, p.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
-    torch.save(tokens, tmp_path / "tokens.pt")
-    code = (
-        "import sys, torch\n"
-        "from transformers import DeepseekV3ForCausalLM\n"
-        "m = DeepseekV3ForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
-        "with torch.no_grad():\n"
-        "    torch.save({'state': m.state_dict(), 'logits': m(torch.load(sys.argv[2])).logits}, sys.argv[3])\n"
-    )
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(tmp_path / "tokens.pt"),
-                          str(tmp_path / "loaded.pt")], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    loaded = torch.load(tmp_path / "loaded.pt")
-    got = loaded["state"]
+    loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "out").eval()
+    got = loaded.state_dict()
     assert set(got) == set(state)
     assert all(torch.equal(got[n], state[n]) for n in state)
+    tokens = torch.randint(0, p.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert torch.equal(loaded["logits"], source(tokens).logits)
+        assert torch.equal(loaded(tokens).logits, source(tokens).logits)

@@ -12,6 +12,7 @@ when the work runs, not what it computes.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megatron_dsv3.model.presets import get_preset
 from megatron_dsv3.parallel import ParallelLayout as L
@@ -134,3 +135,59 @@ def test_overlapped_grad_reduce_with_data_parallelism(tmp_path):
         assert r["expert_bias_moved"] > 0 and r["expert_bias_max_abs_err"] == 0.0, name
         print(name, "loss", losses[name], "reference", ref_loss, "max grad rel err", r["max_grad_rel_err"],
               r["worst_param"])
+
+
+def _grads(chunks) -> dict:
+    return {n: p.main_grad.clone() for c in chunks for n, p in c.named_parameters() if p.requires_grad}
+
+
+def test_overlapped_step_runs_dispatch_and_combine_on_megatrons_comm_stream(megatron_single_process, monkeypatch):
+    """The overlapped step (what the runner runs for every F, B and F&B with overlap on) sets up
+    Megatron's communication stream first, as Megatron's own overlapped schedules do
+    (``set_streams``): every MoE dispatch and combine runs on it, and a forward then backward
+    through it gives the gradients of Megatron's plain ``forward_step``/``backward_step``.  Without
+    ``set_streams`` the nodes get no stream: on a GPU they run on the compute stream and the
+    backward's ``record_stream(None)`` raises, and CPU mode's stand-ins do both.  One process, so
+    EP = 1, where the dispatch is an identity and Megatron's freeing of a node's input after its
+    forward would free the output too (why the overlap is refused without EP): freeing is off."""
+    from types import SimpleNamespace
+
+    import megatron.core.pipeline_parallel.utils as pipeline_utils
+    from megatron.core.models.common.utils import TransformerLayerNode
+    from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_dsv3.pipeline.overlap import combined_step
+    from megatron_dsv3.testing import parallel
+
+    monkeypatch.setattr(pipeline_utils, "_COMM_STREAM", None)  # as in a new process
+    monkeypatch.setattr(TransformerLayerNode, "_resolve_free_input", staticmethod(lambda *args: False))
+    config, _, chunks = parallel.build_chunks(PRESET.with_overrides(num_layers=2), L())
+    tokens = parallel.fixed_tokens(PRESET, 1, seed=4)
+    streams = []
+    for name in ("dispatch", "combine"):
+        method = getattr(MoELayer, name)
+        monkeypatch.setattr(MoELayer, name, lambda self, *a, _m=method, **k: (
+            streams.append(torch.cuda.current_stream()), _m(self, *a, **k))[1])
+
+    step = SimpleNamespace(
+        chunks=[SimpleNamespace(chunk=SimpleNamespace(vp_stage=0))], model=chunks, config=config,
+        forward_step_func=parallel._forward_step, iterators=[iter(parallel._microbatches(tokens, 1))],
+        num_microbatches=1, first_microbatch=lambda c: True, global_mb=lambda c, m: m,
+    )
+    output = combined_step(step, (0, 0, None), None)[0]
+    combined_step(step, None, (0, None, output, None))
+    overlapped = _grads(chunks)
+    assert pipeline_utils.get_comm_stream() is not None
+    assert streams and all(s is pipeline_utils.get_comm_stream() for s in streams), streams
+    n = len(streams)
+
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    output, _ = forward_step(parallel._forward_step, iter(parallel._microbatches(tokens, 1)), chunks[0], 1, None,
+                             [], config, 1, is_first_microbatch=True, current_microbatch=0)
+    backward_step(None, output, None, config)
+    plain = _grads(chunks)
+    assert len(streams) == 2 * n and all(s is torch.cuda.default_stream() for s in streams[n:])
+    worst = max(float((overlapped[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in plain.items())
+    assert worst < 1e-6

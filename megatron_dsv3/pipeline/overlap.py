@@ -14,8 +14,13 @@ so any ``forward_step_func`` works, stock ``pretrain_gpt.py``'s included, withou
 ``overlap_moe_expert_parallel_comm`` flag (whose config checks demand bf16 and would not let fp32
 CPU runs prove the overlap exact).
 
+Each step first sets up Megatron's communication stream (``set_streams``, as ``combined_1f1b.py``'s
+schedules do): without it the dispatch and combine would run on the compute stream (no overlap) and
+their backward's ``record_stream(None)`` would raise.
+
 On a CPU the nodes run in the same interleaved order but nothing runs concurrently (gloo's
 all-to-all inside Megatron's dispatcher is synchronous): CPU timings cannot show the overlap's gain.
+CPU mode's streams keep CUDA's contract, so the CPU tests see which stream each node runs on.
 """
 
 from __future__ import annotations
@@ -47,7 +52,11 @@ def combined_step(step, forward: tuple | None, backward: tuple | None):
     """Run ``forward = (chunk, mb, input)`` and/or ``backward = (chunk, input, output, output_grad)``
     (engine chunk numbers) through Megatron's overlapped step; ``(output, num_tokens, store, input_grad)``."""
     from megatron.core.pipeline_parallel.combined_1f1b import combined_forward_backward_step
+    from megatron.core.pipeline_parallel.utils import set_streams
 
+    # As Megatron's own overlapped schedules do first: the dispatch and combine nodes run on the
+    # stream ``get_comm_stream()`` returns, None until this makes it (once per process).
+    set_streams(high_priority=step.config.high_priority_a2a_comm_stream)
     store: list = []
     f_chunk, f_mb, f_input = forward if forward else (None, None, None)
     b_chunk, b_input, b_output, b_output_grad = backward if backward else (None, None, None, None)

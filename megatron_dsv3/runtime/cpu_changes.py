@@ -17,13 +17,16 @@ import contextlib
 import functools
 import logging
 import os
+import time
 import types
 
 import torch
 
 from megatron_dsv3.runtime.registry import (
     megatron_change,
+    on_revert,
     original,
+    original_of,
     replace,
     replace_attribute,
     set_environment,
@@ -97,7 +100,9 @@ def cuda_tensors_land_on_cpu():
     Megatron allocates with ``device=torch.cuda.current_device()`` or ``device="cuda"`` throughout
     (causal masks, pipeline buffers, token counts, router statistics) and calls ``.cuda()``,
     ``pin_memory()`` and ``record_stream()``.  The tensor factories and these ``Tensor`` methods
-    map a CUDA device to the CPU; pinning and stream recording become no-ops.
+    map a CUDA device to the CPU.  ``pin_memory()`` returns a copy (as pinning does: the pinned
+    tensor is new memory) and ``record_stream()`` does nothing, after checking that it was given a
+    stream: CUDA's raises on anything else, ``None`` included (``unknown parameter type``).
     """
     for name in _FACTORIES:
         replace(f"torch.{name}", _factory_on_cpu(original(f"torch.{name}")))
@@ -115,24 +120,79 @@ def cuda_tensors_land_on_cpu():
     for name in _TENSOR_FACTORIES:
         replace(f"torch.Tensor.{name}", _factory_on_cpu(original(f"torch.Tensor.{name}")))
     replace("torch.Tensor.cuda", lambda self, *args, **kwargs: self)
-    replace("torch.Tensor.pin_memory", lambda self, *args, **kwargs: self)
-    replace("torch.Tensor.record_stream", lambda self, *args, **kwargs: None)
+    replace("torch.Tensor.pin_memory", lambda self, *args, **kwargs: self.clone())
+    replace("torch.Tensor.record_stream", _record_stream)
+
+
+def _record_stream(self, stream) -> None:
+    if not isinstance(stream, (_Stream, torch.Stream)):
+        raise RuntimeError(
+            f"record_stream() takes a stream, got {type(stream).__name__} (CUDA raises here too: "
+            "'unknown parameter type'); with Megatron's overlapped schedule, None means set_streams() "
+            "was not called"
+        )
+
+
+@megatron_change(
+    targets=["torch.utils._device._device_constructors"],
+    versions="megatron-core 0.19.x on torch 2.x (torch/utils/_device.py)",
+    fixed_upstream_when="(not a fix) needed while CPU mode replaces torch's factory functions",
+)
+def torch_device_contexts_work_during_and_after_cpu_mode():
+    """``with torch.device(...)`` and ``torch.set_default_device`` keep working during and after CPU mode.
+
+    PyTorch's device context decides which calls get its device by looking the called function up
+    in ``torch.utils._device._device_constructors()``, a set of ``torch.*`` functions built and cached
+    the first time it is used; the function it looks up is the builtin (which the factory wrappers
+    of ``cuda_tensors_land_on_cpu`` call).  Built while the wrappers stand in ``torch``, the set
+    would hold the wrappers instead, for the rest of the process: ``with torch.device("meta"):
+    torch.tensor(...)`` made CPU tensors, and transformers' ``from_pretrained`` (which builds on
+    ``meta``) left RoPE's ``inv_freq`` uninitialised.  While CPU mode is on, the set is built
+    from the original functions; its cache is emptied when CPU mode ends, in case anything that
+    holds the function itself filled it meanwhile (it refills from ``torch`` as it then is).
+    """
+    cached = original("torch.utils._device._device_constructors")
+
+    @functools.cache
+    def device_constructors():
+        return {original_of(fn) for fn in cached.__wrapped__()}
+
+    replace("torch.utils._device._device_constructors", device_constructors)
+    on_revert(cached.cache_clear)
+
+
+def _expect(value, kind: type, what: str):
+    """``value`` if it is a ``kind``; else the error CUDA would give (it fails on a non-stream too)."""
+    if not isinstance(value, kind):
+        raise TypeError(f"expected a torch.cuda.{what}, got {type(value).__name__} (CUDA fails here too)")
+    return value
 
 
 class _Stream:
-    """Stands in for ``torch.cuda.Stream``: CPU work is already ordered, so every call is a no-op."""
+    """Stands in for ``torch.cuda.Stream``: CPU work is already ordered, so waits do nothing.
 
-    def __init__(self, *args, **kwargs):
-        pass
+    The contract is CUDA's: streams and events are checked where CUDA needs them, and
+    ``torch.cuda.stream(s)`` makes ``s`` the current stream (``torch.cuda.current_stream()`` answers
+    the same object until it ends), so code that compares streams takes the branches it takes on a GPU.
+    """
 
-    def wait_stream(self, *args, **kwargs):
-        pass
+    def __init__(self, device=None, priority=0, **kwargs):
+        self.priority = priority
 
-    def wait_event(self, *args, **kwargs):
-        pass
+    @staticmethod
+    def priority_range():
+        return (0, -1)  # (lowest, highest), as CUDA orders them
+
+    def wait_stream(self, stream):
+        _expect(stream, _Stream, "Stream")
+
+    def wait_event(self, event):
+        _expect(event, _Event, "Event")
 
     def record_event(self, event=None):
-        return event if event is not None else _Event()
+        event = _Event() if event is None else _expect(event, _Event, "Event")
+        event.record(self)
+        return event
 
     def synchronize(self):
         pass
@@ -141,25 +201,49 @@ class _Stream:
         return True
 
     def __enter__(self):
+        _STREAMS.append(self)
         return self
 
     def __exit__(self, *exc):
+        _STREAMS.pop()
         return False
 
 
-class _Event:
-    """Stands in for ``torch.cuda.Event``; ``elapsed_time`` reports wall-clock milliseconds."""
+_DEFAULT_STREAM = _Stream()
+_STREAMS = [_DEFAULT_STREAM]  # the current stream is the last
 
-    def __init__(self, *args, **kwargs):
+
+@contextlib.contextmanager
+def _stream(stream):
+    """``torch.cuda.stream``: ``stream`` is current inside; None changes nothing (as in CUDA)."""
+    if stream is None:
+        yield
+        return
+    with _expect(stream, _Stream, "Stream"):
+        yield
+
+
+def _set_stream(stream) -> None:
+    if stream is not None:
+        _STREAMS[-1] = _expect(stream, _Stream, "Stream")
+
+
+class _Event:
+    """Stands in for ``torch.cuda.Event``; ``elapsed_time`` reports wall-clock milliseconds, and
+    refuses what CUDA refuses (events made without ``enable_timing``, or not recorded)."""
+
+    def __init__(self, enable_timing=False, *args, **kwargs):
+        self._timing = enable_timing
         self._time = None
 
-    def record(self, *args, **kwargs):
-        import time
-
+    def record(self, stream=None):
+        if stream is not None:
+            _expect(stream, _Stream, "Stream")
         self._time = time.perf_counter()
 
-    def wait(self, *args, **kwargs):
-        pass
+    def wait(self, stream=None):
+        if stream is not None:
+            _expect(stream, _Stream, "Stream")
 
     def synchronize(self):
         pass
@@ -168,7 +252,11 @@ class _Event:
         return True
 
     def elapsed_time(self, end):
-        return 1000.0 * ((end._time or 0.0) - (self._time or 0.0))
+        if not (self._timing and end._timing):
+            raise RuntimeError("Both events must be created with argument 'enable_timing=True'.")
+        if self._time is None or end._time is None:
+            raise RuntimeError("Both events must be recorded before calculating elapsed time.")
+        return 1000.0 * (end._time - self._time)
 
 
 def _noop(*args, **kwargs):
@@ -194,10 +282,10 @@ _CUDA_STAND_INS = {
     "empty_cache": _noop,
     "Stream": _Stream,
     "Event": _Event,
-    "current_stream": lambda *a, **k: _Stream(),
-    "default_stream": lambda *a, **k: _Stream(),
-    "stream": lambda *a, **k: contextlib.nullcontext(),
-    "set_stream": _noop,
+    "current_stream": lambda *a, **k: _STREAMS[-1],
+    "default_stream": lambda *a, **k: _DEFAULT_STREAM,
+    "stream": _stream,
+    "set_stream": _set_stream,
     "is_current_stream_capturing": lambda: False,
     "memory_allocated": _zero,
     "max_memory_allocated": _zero,
@@ -230,9 +318,40 @@ def cuda_runtime_calls_become_cpu_no_ops():
     stand-ins (events time with the wall clock), NVTX ranges are empty and memory statistics read
     0.  The token dispatchers, the combined-1F1B overlap schedule and the training loop call
     these unconditionally.  ``torch.cuda.is_available()`` still answers False.
+
+    Streams keep CUDA's contract, so that a CPU test fails where a GPU run would: the current
+    stream is one object until ``torch.cuda.stream(s)``/``set_stream(s)`` makes ``s`` current,
+    a stream or event is refused where CUDA needs one (``wait_stream(None)``), and events refuse
+    ``elapsed_time`` without ``enable_timing`` or a record.
     """
+    _STREAMS[:] = [_DEFAULT_STREAM]
     for name, stand_in in _CUDA_STAND_INS.items():
         replace(f"torch.cuda.{name}", stand_in)
+
+
+_MEGATRON_STREAMS = (
+    "megatron.core.pipeline_parallel.utils._COMM_STREAM",
+    "megatron.core.transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream",
+    "megatron.core.transformer.moe.shared_experts.SharedExpertMLP.stream",
+)
+
+
+@megatron_change(
+    targets=list(_MEGATRON_STREAMS),
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="(not a fix) needed while CPU mode stands in for CUDA streams",
+)
+def megatron_streams_made_in_cpu_mode_end_with_it():
+    """The streams Megatron keeps for the whole process are unset when CPU mode starts and ends.
+
+    Megatron makes some streams once and keeps them in module or class attributes: the
+    communication stream of its overlapped schedules (``set_streams``; ``get_comm_stream()`` is
+    None until then), the token dispatcher's device-to-host stream, the shared experts' stream.
+    Made in CPU mode they are CPU stand-ins; they are put back to what they were (None without a
+    GPU), so none outlives CPU mode and each CPU-mode run starts as a GPU process starts.
+    """
+    for path in _MEGATRON_STREAMS:
+        replace(path, None)
 
 
 @megatron_change(
@@ -260,8 +379,8 @@ def cuda_rng_is_the_cpu_generator():
     replace("torch.cuda.get_rng_state", lambda device="cuda": torch.get_rng_state())
     replace("torch.cuda.set_rng_state", lambda state, device="cuda": torch.set_rng_state(state))
     replace("torch.cuda.manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
-    # torch.manual_seed itself calls torch.cuda.manual_seed_all after seeding the CPU generator.
-    replace("torch.cuda.manual_seed_all", _noop)
+    # torch.manual_seed also calls torch.cuda.manual_seed_all, with the same seed.
+    replace("torch.cuda.manual_seed_all", lambda seed: torch.default_generator.manual_seed(int(seed)))
     replace(
         "megatron.core.tensor_parallel.random._get_cuda_rng_state",
         lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state(),
@@ -338,7 +457,8 @@ def gradient_clipping_accepts_cpu_tensors():
     """Gradient clipping accepts fp32 gradients on the CPU.
 
     ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'`` and scales
-    with a CUDA overflow buffer.  The replacement checks for fp32 and multiplies each gradient by
+    with a CUDA overflow buffer.  The replacement makes the same checks (``grad`` fp32,
+    ``decoupled_grad`` fp32 or bf16) and multiplies each gradient by
     ``min(1, max_norm / (total_norm + 1e-6))``: the same arithmetic.
     """
 
@@ -347,9 +467,10 @@ def gradient_clipping_accepts_cpu_tensors():
             parameters = [parameters]
         attr = "decoupled_grad" if use_decoupled_grad else "grad"
         grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+        allowed = (torch.float32, torch.bfloat16) if use_decoupled_grad else (torch.float32,)
         for grad in grads:
-            if grad.dtype not in (torch.float32, torch.bfloat16):
-                raise TypeError(f"gradient clipping expects fp32/bf16 gradients, got {grad.dtype}")
+            if grad.dtype not in allowed:
+                raise TypeError(f"gradient clipping expects {attr} in {allowed}, got {grad.dtype} (Megatron asserts)")
         coeff = max_norm / (total_norm + 1.0e-6)
         if isinstance(coeff, torch.Tensor):
             coeff = coeff.clamp_max(1.0)

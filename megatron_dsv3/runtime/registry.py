@@ -19,13 +19,16 @@ This module only records and applies changes; :mod:`megatron_dsv3.runtime.catalo
 of the modules that define them (so the registry imports none of them, and they import only it).
 Applying a change twice is harmless: :func:`replace` remembers what it put in place and does
 nothing when the target already holds it.  ``cpu`` changes can be reverted (the CPU-mode context
-manager does so); the other groups stay for the life of the process.
+manager does so) completely: attributes, the caches a change empties on revert (:func:`on_revert`),
+and names that modules imported meanwhile bound to a replacement; the other groups stay for the
+life of the process.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,6 +47,7 @@ class MegatronChange:
     group: str = ""  # set by the catalog, from the module that defines the change
     applied: bool = False
     originals: list[tuple[Any, str, Any]] = field(default_factory=list)
+    on_revert: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def reason(self) -> str:
@@ -92,8 +96,12 @@ def resolve(path: str) -> tuple[Any, str]:
 def original(path: str) -> Any:
     """The object at ``path`` before megatron-dsv3 replaced it (the current one if unchanged)."""
     owner, attr = resolve(path)
-    current = getattr(owner, attr)
-    return getattr(current, "__wrapped_original__", current)
+    return original_of(getattr(owner, attr))
+
+
+def original_of(obj: Any) -> Any:
+    """What ``obj`` replaced, if megatron-dsv3 put it in place of something; else ``obj``."""
+    return getattr(obj, "__wrapped_original__", obj)
 
 
 def replace(path: str, new: Any) -> Any:
@@ -149,6 +157,12 @@ def set_environment(name: str, value: str) -> None:
     replace_attribute(ENVIRONMENT, name, value, label=f"environment {name}")
 
 
+def on_revert(action: Callable[[], None]) -> None:
+    """Run ``action`` when the change being applied is reverted, after its attributes are restored
+    (say, to empty a cache that may have been filled from the replaced objects)."""
+    _CURRENT[-1].on_revert.append(action)
+
+
 def _alias(fn: Callable) -> Callable:
     def alias(*args, **kwargs):
         return fn(*args, **kwargs)
@@ -181,10 +195,15 @@ def apply_changes(changes: list[MegatronChange]) -> list[str]:
 
 
 def revert_changes(changes: list[MegatronChange]) -> None:
+    """Undo ``changes``: every replaced attribute gets its original back, the changes' revert
+    actions run, and a module imported meanwhile that bound a replacement by name (``from torch
+    import zeros``) gets the original under that name too."""
+    put_back: dict[int, tuple[Any, Any]] = {}
     for change in reversed(changes):
         if change.applied:
-            _undo(change)
+            put_back.update(_undo(change))
             change.applied = False
+    _rebind_imported_names(put_back)
 
 
 def changes_in(module) -> list[MegatronChange]:
@@ -197,7 +216,30 @@ def is_applied(name: str) -> bool:
     return bool(change and change.applied)
 
 
-def _undo(change: MegatronChange) -> None:
+def _undo(change: MegatronChange) -> dict[int, tuple[Any, Any]]:
+    """Restore ``change``'s attributes; ``{id(replacement): (replacement, original)}`` for the
+    replacements that were marked (functions and classes)."""
+    put_back = {}
     for owner, attr, value in reversed(change.originals):
+        current = getattr(owner, attr, None)
+        if getattr(current, _MARK, None) is not None:
+            put_back[id(current)] = (current, value)
         setattr(owner, attr, value)
     change.originals.clear()
+    for action in change.on_revert:
+        action()
+    change.on_revert.clear()
+    return put_back
+
+
+def _rebind_imported_names(put_back: dict[int, tuple[Any, Any]]) -> None:
+    if not put_back:
+        return
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if name.split(".")[0] == "megatron_dsv3" or not isinstance(namespace, dict):
+            continue  # the plugin's own modules define the replacements
+        for key, value in list(namespace.items()):
+            entry = put_back.get(id(value))
+            if entry is not None and entry[0] is value:
+                namespace[key] = entry[1]
