@@ -17,7 +17,7 @@ def dsv3(config, vp_stage=None, pp_rank=None):
     the fixes Megatron needs for these layers are applied then, not while a spec is built.
     """
     from megatron_dsv3.errors import ConfigError
-    from megatron_dsv3.launch import activated_by
+    from megatron_dsv3.runtime.activation import activated_by
     from megatron_dsv3.model.spec import dsv3_block_spec
 
     if activated_by() is None:

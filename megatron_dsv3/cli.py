@@ -216,7 +216,7 @@ def cmd_hook(ns: argparse.Namespace) -> int:
 
 
 def cmd_specs(ns: argparse.Namespace) -> int:
-    from megatron_dsv3.launch.specs import registered_specs
+    from megatron_dsv3.model.spec_names import registered_specs
 
     for name, target in sorted(registered_specs().items()):
         print(f"{name}  ->  {target}")

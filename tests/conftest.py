@@ -39,7 +39,7 @@ def megatron_single_process():
     import torch
 
     from megatron_dsv3.cpu import enable_cpu_mode
-    from megatron_dsv3.launch import activate
+    from megatron_dsv3.runtime.activation import activate
     from megatron_dsv3.train.processes import free_port
 
     activate(source="tests")

@@ -42,8 +42,8 @@ def test_cpu_mode_context_manager_redirects_cuda_and_restores_torch():
 
 
 _ON_GPU = """
-import torch, megatron_dsv3.cpu as cpu
-cpu.gpu_available = lambda: True  # what a GPU machine reports
+import torch, megatron_dsv3.cpu as cpu, megatron_dsv3.runtime.cpu_mode as mode
+mode.gpu_available = lambda: True  # what a GPU machine reports
 zeros = torch.zeros
 assert cpu.enable_cpu_mode() is False
 assert torch.zeros is zeros and not cpu.is_cpu_mode()

@@ -166,13 +166,13 @@ def _export_fp8_environment(settings: dict) -> None:
 
 
 def apply_plugin_options(args: argparse.Namespace) -> argparse.Namespace:
-    """Act on the plugin options right after parsing, before Megatron validates the arguments."""
+    """Act on the plugin options right after parsing, before Megatron validates the arguments.
+
+    ``--dsv3-cpu`` implies CPU mode, which its caller enables first (the run-time change that calls
+    this after Megatron parses, ``plugin_options_join_megatron_parser``; the harness and the converter
+    enable it themselves), since CPU mode is a set of run-time changes and this layer makes none."""
     if getattr(args, _APPLIED, False):
         return args
-    if getattr(args, "dsv3_cpu", False):
-        from megatron_dsv3.cpu import enable_cpu_mode
-
-        enable_cpu_mode()
     requested = getattr(args, "dsv3_backend", "auto")
     if requested == "auto" and args.transformer_impl == "local":
         requested = "local"  # Megatron's own --transformer-impl local (its default is transformer_engine)

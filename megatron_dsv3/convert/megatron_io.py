@@ -57,7 +57,7 @@ def single_process():
     from megatron.core import parallel_state
 
     from megatron_dsv3.cpu import disable_cpu_mode, enable_cpu_mode, is_cpu_mode
-    from megatron_dsv3.launch import activate
+    from megatron_dsv3.runtime.activation import activate
 
     activate(source="converter")
     cpu_before = is_cpu_mode()

@@ -1,6 +1,5 @@
-"""CPU mode: Megatron-Core on CPU with the gloo backend.
-
-One supported switch::
+"""CPU mode: Megatron-Core on CPU with the gloo backend (the public name; the switch itself is
+:mod:`megatron_dsv3.runtime.cpu_mode`, beside the ``cpu`` run-time changes it applies).
 
     from megatron_dsv3.cpu import cpu_mode, enable_cpu_mode
 
@@ -8,61 +7,11 @@ One supported switch::
         ...
     enable_cpu_mode()           # or for the rest of the process (the training entry points)
 
-It applies the ``cpu`` group of run-time changes (``megatron-dsv3 changes`` lists them; among them,
-TorchDynamo is turned off, since Megatron's jit fuser would spend ~10 s compiling on first use).
-Processes join with the gloo backend (``--distributed-backend gloo``).  When a GPU is visible it changes nothing and
-returns False: CPU mode exists for machines without one.
+``docs/cpu-mode.md`` says what it changes and how it is undone.
 """
 
 from __future__ import annotations
 
-import contextlib
+from megatron_dsv3.runtime.cpu_mode import cpu_mode, disable_cpu_mode, enable_cpu_mode, gpu_available, is_cpu_mode
 
-_state = {"enabled": False}
-
-
-def gpu_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def is_cpu_mode() -> bool:
-    return _state["enabled"]
-
-
-def enable_cpu_mode() -> bool:
-    """Let Megatron-Core run on CPU for the rest of the process; a no-op (False) on a GPU machine."""
-    if _state["enabled"]:
-        return True
-    if gpu_available():
-        return False
-    from megatron_dsv3.runtime import cpu_changes
-    from megatron_dsv3.runtime.registry import apply_changes, changes_in
-
-    apply_changes(changes_in(cpu_changes))
-    _state["enabled"] = True
-    return True
-
-
-def disable_cpu_mode() -> None:
-    """Undo :func:`enable_cpu_mode` (used by the context manager and tests)."""
-    if not _state["enabled"]:
-        return
-    from megatron_dsv3.runtime import cpu_changes
-    from megatron_dsv3.runtime.registry import changes_in, revert_changes
-
-    revert_changes(changes_in(cpu_changes))
-    _state["enabled"] = False
-
-
-@contextlib.contextmanager
-def cpu_mode():
-    """Context manager form of :func:`enable_cpu_mode`; restores PyTorch and Megatron on exit."""
-    was_enabled = _state["enabled"]
-    enabled = enable_cpu_mode()
-    try:
-        yield enabled
-    finally:
-        if enabled and not was_enabled:
-            disable_cpu_mode()
+__all__ = ["cpu_mode", "disable_cpu_mode", "enable_cpu_mode", "gpu_available", "is_cpu_mode"]

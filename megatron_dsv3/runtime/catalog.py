@@ -49,7 +49,7 @@ def render_markdown() -> str:
         "",
         "`launch` changes are applied when Megatron's training code is imported (the start-up hook,"
         " or the explicit `patches/` for Megatron-LM); `model` changes when a `dsv3` spec is built;"
-        " `cpu` changes only inside CPU mode (`megatron_dsv3.cpu.enable_cpu_mode`), never on a GPU"
+        " `cpu` changes only inside CPU mode (`megatron_dsv3.runtime.cpu_mode.enable_cpu_mode`), never on a GPU"
         " run; `train` changes only by `megatron-dsv3 train`.",
         "",
     ]

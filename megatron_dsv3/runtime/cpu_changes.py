@@ -7,7 +7,7 @@ PyTorch CPU stand-ins for the CUDA calls Megatron makes, and a handful of Megatr
 targeted replacements where a CPU stand-in cannot express the fix.  See ``../shared/FACTS.md``,
 "Megatron-Core on CPU", for the list of obstacles these remove.
 
-These are only ever applied by :func:`megatron_dsv3.cpu.enable_cpu_mode`, which refuses to run
+These are only ever applied by :func:`megatron_dsv3.runtime.cpu_mode.enable_cpu_mode`, which refuses to run
 when a GPU is visible, so a GPU run never sees them.
 """
 

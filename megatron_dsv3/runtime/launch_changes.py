@@ -1,6 +1,6 @@
 """Run-time changes that make stock Megatron-LM take ``--spec dsv3`` (group ``launch``).
 
-Applied by :func:`megatron_dsv3.launch.activate`, from the start-up hook when
+Applied by :func:`megatron_dsv3.runtime.activation.activate`, from the start-up hook when
 ``megatron.training`` is imported or from the explicit patch in ``patches/``.
 """
 
@@ -43,7 +43,7 @@ def spec_names_resolve_through_the_registry():
 
 
 def _registry_import_module():
-    from megatron_dsv3.launch.specs import resolve_spec
+    from megatron_dsv3.model.spec_names import resolve_spec
 
     def import_module(module_path):
         return resolve_spec(module_path)
@@ -72,7 +72,8 @@ def plugin_options_join_megatron_parser():
     """
     from megatron_dsv3.args.options import add_dsv3_arguments
     from megatron_dsv3.args.settings import apply_plugin_options
-    from megatron_dsv3.launch.specs import is_dsv3_spec
+    from megatron_dsv3.runtime.cpu_mode import enable_cpu_mode
+    from megatron_dsv3.model.spec_names import is_dsv3_spec
 
     add_megatron_arguments = original("megatron.training.arguments.add_megatron_arguments")
     parse_args = original("megatron.training.arguments.parse_args")
@@ -86,6 +87,8 @@ def plugin_options_join_megatron_parser():
                     or getattr(args, "pipeline_schedule", None) is not None
                     or getattr(args, "dsv3_fp8", None) is not None)
         if explicit or is_dsv3_spec(getattr(args, "spec", None)):
+            if getattr(args, "dsv3_cpu", False):
+                enable_cpu_mode()
             apply_plugin_options(args)
         return args
 
@@ -188,7 +191,7 @@ def dsv3_models_are_built_for_their_placement():
     asks the placement for each chunk's roles and otherwise builds exactly as Megatron does; the
     same builder builds the tests' models.  Other specs keep Megatron's builder.
     """
-    from megatron_dsv3.launch.specs import is_dsv3_spec_object
+    from megatron_dsv3.model.spec_names import is_dsv3_spec_object
 
     gpt_config_from_args = original("megatron.training.argument_utils.gpt_config_from_args")
 

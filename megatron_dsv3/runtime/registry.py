@@ -12,7 +12,7 @@ Changes are grouped:
   training code is imported, see :mod:`megatron_dsv3.launch`);
 * ``model``: fixes to Megatron-Core's modules that DeepSeek models need (applied when a ``dsv3``
   spec is built);
-* ``cpu``: what lets Megatron-Core run without a GPU (applied by :func:`megatron_dsv3.cpu.enable_cpu_mode`);
+* ``cpu``: what lets Megatron-Core run without a GPU (applied by :func:`megatron_dsv3.runtime.cpu_mode.enable_cpu_mode`);
 * ``train``: the progress reporting of ``megatron-dsv3 train`` (applied by its worker only).
 
 This module only records and applies changes; :mod:`megatron_dsv3.runtime.catalog` is the one list

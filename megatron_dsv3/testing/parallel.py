@@ -40,7 +40,7 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234, *, cpu: bool = True,
     The embedding group holds the ranks the placement of ``preset`` under ``layout`` gives an
     embedding copy (as ``megatron-dsv3 train`` does through ``get_embedding_ranks``).
     """
-    from megatron_dsv3.launch import activate
+    from megatron_dsv3.runtime.activation import activate
 
     activate(source="test harness")
     if cpu:

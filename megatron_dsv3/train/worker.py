@@ -13,7 +13,7 @@ import sys
 
 
 def run(argv: list[str]) -> None:
-    from megatron_dsv3.launch import activate
+    from megatron_dsv3.runtime.activation import activate
 
     activate(source="megatron-dsv3 train")
     from megatron_dsv3.runtime.catalog import apply_group
