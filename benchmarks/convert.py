@@ -51,15 +51,12 @@ def make_checkpoint(size: str, dtype: str, path: Path) -> dict:
     from safetensors.torch import save_file
 
     from megatron_dsv3.convert.hf_config import hf_config_from_preset
-    from megatron_dsv3.convert.megatron_io import MetaModel, single_process
     from megatron_dsv3.convert.run import export_plan
     from megatron_dsv3.fp8.quantize import quantize
     from megatron_dsv3.model.hf_names import name_table
 
     preset = preset_for(size)
-    with single_process():
-        meta = MetaModel(preset, torch.bfloat16)
-        plan, _ = export_plan(preset, meta, name_table(preset, include_mtp=False), torch.bfloat16)
+    plan, _ = export_plan(preset, name_table(preset, include_mtp=False), torch.bfloat16)
     path.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     shard, shard_bytes, weight_map, shards, largest, model_bytes = {}, 0, {}, [], 0, 0
@@ -107,7 +104,7 @@ from megatron_dsv3.cli import _quiet_third_party
 _quiet_third_party()
 from megatron_dsv3.convert import run
 import megatron.core.dist_checkpointing, megatron.training.arguments  # start-up: imports, not conversion
-import megatron_dsv3.model.build, megatron_dsv3.convert.hf_reader, megatron_dsv3.convert.hf_writer
+import megatron_dsv3.model.build  # run imports the rest of the converter
 def hwm():  # this process's peak RSS since exec (ru_maxrss would include the parent's at fork)
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):

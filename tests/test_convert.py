@@ -376,12 +376,12 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, mon
 def test_an_unwritable_output_is_refused_in_one_line_before_anything_is_read(tmp_path, capsys, monkeypatch, out,
                                                                             direction):
     from megatron_dsv3 import cli
-    from megatron_dsv3.convert import megatron_io
+    from megatron_dsv3.convert import meta_model
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(megatron_io, "MetaModel", no_model)
+    monkeypatch.setattr(meta_model, "MetaModel", no_model)
     monkeypatch.setattr(run, "MetaModel", no_model)
     # The source does not exist: the output is checked first.
     assert cli.main(["convert", direction, str(tmp_path / "missing"), out, "--quiet"]) == 2
@@ -486,7 +486,9 @@ def test_megatron_checkpoint_is_written_one_parameter_at_a_time(tmp_path, megatr
 
     from megatron.core import dist_checkpointing
 
-    from megatron_dsv3.convert.megatron_io import MegatronCheckpoint, MetaModel, single_process, write_checkpoint
+    from megatron_dsv3.convert.megatron_reader import MegatronCheckpoint
+    from megatron_dsv3.convert.megatron_writer import write_checkpoint
+    from megatron_dsv3.convert.meta_model import MetaModel, single_process
     from megatron_dsv3.model.build import build_model_chunks
     from megatron_dsv3.model.presets import get_preset
 

@@ -22,9 +22,10 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from megatron_dsv3.convert.hf_config import (  # noqa: E402
     TRAINING_ONLY, check_against, hf_config_from_preset, preset_from_hf_config,
 )
-from megatron_dsv3.convert.hf_reader import HFCheckpoint, dequantize_fp8, expected_shapes  # noqa: E402
+from megatron_dsv3.convert.hf_reader import HFCheckpoint, dequantize_fp8  # noqa: E402
 from megatron_dsv3.convert.hf_writer import write_hf_checkpoint  # noqa: E402
 from megatron_dsv3.errors import ConfigError  # noqa: E402
+from megatron_dsv3.model.hf_names import hf_shapes  # noqa: E402
 from megatron_dsv3.model.presets import PRESETS, get_preset  # noqa: E402
 
 # 2 layers (1 dense, 1 MoE of 8 experts in 2 groups) + an MTP layer; small enough to write in ms.
@@ -158,7 +159,7 @@ def test_check_against_names_every_contradiction_and_skips_training_fields():
 def _tensors(p, dtype=torch.bfloat16, seed=0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, shape in expected_shapes(p).items():
+    for name, shape in hf_shapes(p).items():
         t = torch.randn(shape, generator=g)
         out[name] = t.float() if name.endswith("e_score_correction_bias") else t.to(dtype)
     return out

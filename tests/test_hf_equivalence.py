@@ -2,7 +2,7 @@
 
 An independent implementation of the whole architecture (MLA with decoupled RoPE or YaRN, the
 sigmoid router with expert bias and group limits, shared experts, dense first layers, RMSNorm):
-the same weights, mapped through ``megatron_dsv3.hf_mapping``, must give the same logits.
+the same weights, mapped through ``megatron_dsv3.model.hf_names``, must give the same logits.
 """
 
 from __future__ import annotations
@@ -109,8 +109,9 @@ def test_logits_match_transformers_deepseek(preset, megatron_single_process):
 
 @pytest.mark.parametrize("preset", [TINY, get_preset("deepseek-v2-lite").with_overrides(num_layers=2)],
                          ids=["dsv3-tiny", "v2-lite-2-layers"])
-def test_name_table_covers_exactly_the_built_models_weights(preset, megatron_single_process):
-    """Every parameter (and expert bias) of the built model, MTP included, has one HF name."""
+def test_name_table_holds_exactly_the_built_models_weights_with_their_shapes(preset, megatron_single_process):
+    """Every parameter (and expert bias) of the built model, MTP included, has one HF name, and the
+    table's shape for it is the built one."""
     import torch as _torch
 
     from megatron_dsv3.parallel import ParallelLayout
@@ -118,12 +119,30 @@ def test_name_table_covers_exactly_the_built_models_weights(preset, megatron_sin
 
     with _torch.device("meta"):
         _, _, (model,) = build_chunks(preset, ParallelLayout(), ddp=False, extra_args=("--no-initialization",))
-    built = {n for n, _ in model.named_parameters()} | {
-        n for n, _ in model.named_buffers() if n.endswith("expert_bias")}
+    built = {n: tuple(t.shape) for n, t in model.named_parameters()} | {
+        n: tuple(t.shape) for n, t in model.named_buffers() if n.endswith("expert_bias")}
     table = hf_mapping.name_table(preset, include_mtp=True)
-    assert {m.megatron for m in table} == built
+    assert {m.megatron: m.shape for m in table} == built
     hf_names = [h for m in table for h in m.hf]
     assert len(hf_names) == len(set(hf_names))
+
+
+@pytest.mark.parametrize("preset", [
+    TINY,
+    TINY.with_overrides(q_lora_rank=None, num_shared_experts=2, expert_bias=False, score_function="softmax",
+                        num_groups=1, group_topk=1, mtp_num_layers=0),
+    get_preset("deepseek-v2-lite").with_overrides(num_layers=2),
+], ids=["dsv3-tiny", "v2-lite-style", "v2-lite-2-layers"])
+def test_name_table_hf_shapes_are_transformers_checkpoint_shapes(preset):
+    """The names and shapes an imported checkpoint is checked against (``hf_shapes``) are those of
+    transformers' model for the preset, MTP aside (transformers builds no MTP layer)."""
+    with torch.device("meta"):
+        hf_model = _hf_model(preset.with_overrides(mtp_num_layers=0))
+    theirs = {n: tuple(t.shape) for n, t in _hf_checkpoint_tensors(hf_model).items()
+              if not n.endswith("rotary_emb.inv_freq")}
+    mtp = f"model.layers.{preset.num_layers}."
+    ours = {n: s for n, s in hf_mapping.hf_shapes(preset).items() if not n.startswith(mtp)}
+    assert ours == theirs
 
 
 def test_name_table_inverts_itself_bit_identically():

@@ -1,11 +1,11 @@
 """Writing a HuggingFace DeepSeek-V3 checkpoint in the released layout, one tensor at a time.
 
-The layout is DeepSeek's release (``../shared/FACTS.md``, "HuggingFace checkpoint conversion
-anchors"): per-expert names, shards ``model-00001-of-0000N.safetensors``, an index
-``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``), the ``config.json`` of
-:func:`~megatron_dsv3.convert.hf_config.hf_config_from_preset` with the token ids, and a
-``generation_config.json`` (:mod:`megatron_dsv3.convert.hf_source`); transformers' ``from_pretrained``
-reads it (packing the experts itself).
+The layout is DeepSeek's release (https://huggingface.co/deepseek-ai/DeepSeek-V3, as
+:mod:`~megatron_dsv3.convert.hf_layout` checks it on import): per-expert names, shards
+``model-00001-of-0000N.safetensors``, an index ``model.safetensors.index.json`` (``metadata.total_size``,
+``weight_map``), the ``config.json`` of :func:`~megatron_dsv3.convert.hf_config.hf_config_from_preset`
+with the token ids, and a ``generation_config.json`` (:mod:`megatron_dsv3.convert.hf_source`);
+transformers' ``from_pretrained`` reads it (packing the experts itself).
 
 Streaming: the caller gives the whole ``plan`` (name, shape, dtype, in the order the tensors will
 come), so every shard's header is known before its first byte; each tensor is written as soon as
@@ -25,7 +25,7 @@ import torch
 
 from megatron_dsv3.convert.hf_config import hf_config_from_preset
 from megatron_dsv3.convert.batching import split_by_bytes
-from megatron_dsv3.convert.hf_reader import INDEX
+from megatron_dsv3.convert.hf_layout import INDEX
 from megatron_dsv3.convert.hf_source import generation_config as generation_config_of
 from megatron_dsv3.convert.output_dir import partial_output
 from megatron_dsv3.convert.safetensors_format import encode_header, tensor_bytes

@@ -1,7 +1,7 @@
 """``megatron-dsv3 convert``: HuggingFace DeepSeek-V3 checkpoints to Megatron and back, streaming.
 
 Import (:func:`hf_to_megatron`): the HF checkpoint is checked whole before anything is written
-(:class:`~megatron_dsv3.convert.hf_reader.HFCheckpoint`: config, index, shard headers, names,
+(:func:`~megatron_dsv3.convert.hf_layout.check_layout`: config, index, shard headers, names,
 shapes, dtypes, the recipe), then each Megatron parameter is made from its HF tensors when the
 checkpoint writer reaches it (FP8 weights dequantised on the way) and written into a Megatron
 ``torch_dist`` ``release`` checkpoint.  Export (:func:`megatron_to_hf`) reads one group of
@@ -22,14 +22,21 @@ from pathlib import Path
 
 import torch
 
+from megatron_dsv3.args.compose import preset_from_args
 from megatron_dsv3.convert.batching import split_by_bytes
+from megatron_dsv3.convert.hf_config import hf_config_from_preset
+from megatron_dsv3.convert.hf_reader import HFCheckpoint
 from megatron_dsv3.convert.hf_source import read_hf_source, write_hf_source
-from megatron_dsv3.convert.megatron_io import DTYPES, MegatronCheckpoint, MetaModel, single_process, write_checkpoint
+from megatron_dsv3.convert.hf_writer import DEFAULT_SHARD_BYTES, write_hf_checkpoint
+from megatron_dsv3.convert.megatron_reader import MegatronCheckpoint
+from megatron_dsv3.convert.megatron_writer import write_checkpoint
+from megatron_dsv3.convert.meta_model import DTYPES, MetaModel, single_process
 from megatron_dsv3.convert.output_dir import check_writable, partial_output, refuse_existing
 from megatron_dsv3.convert.progress import Progress
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.hf_names import Mapping, mtp_copies, name_table
 from megatron_dsv3.model.presets import ModelPreset
+from megatron_dsv3.recipe import load_recipe, validate_recipe
 
 
 @dataclasses.dataclass
@@ -54,14 +61,10 @@ def hf_to_megatron(hf_dir, out_dir, *, recipe: str | None = None, overrides: lis
     The model is the HF config's (:func:`~megatron_dsv3.convert.hf_config.preset_from_hf_config`),
     or ``recipe``'s, which the config must agree with.  ``dtype`` (bfloat16, float16, float32)
     defaults to the checkpoint's (bfloat16 for FP8 releases, whose weights are dequantised)."""
-    from megatron_dsv3.convert.hf_reader import HFCheckpoint
-
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     _check_output(out_dir, overwrite)
     target = None
     if recipe is not None:
-        from megatron_dsv3.recipe import load_recipe, validate_recipe
-
         loaded = load_recipe(recipe, overrides or [])
         validate_recipe(loaded)  # the checks `megatron-dsv3 args` runs: the run it is for must be able to start
         target = loaded.preset
@@ -88,7 +91,7 @@ def _import(hf, hf_dir: Path, out_dir: Path, target, dtype, threads: int, overwr
 
     with single_process():
         meta = MetaModel(target, torch_dtype)
-        _same_names(meta, table)
+        _same_table(meta, table.values())
         total = sum(p.nbytes for p in meta.pieces)
         bar = Progress(f"hf-to-megatron {hf_dir.name}", total, enabled=progress)
         with partial_output(out_dir, overwrite=overwrite) as tmp:
@@ -105,11 +108,18 @@ def _check_output(out_dir: Path, overwrite: bool) -> None:
     check_writable(out_dir)
 
 
-def _same_names(meta: MetaModel, table: dict) -> None:
-    missing, extra = set(meta.params) - set(table), set(table) - set(meta.params)
-    if missing or extra:  # the name table and the spec disagree: a bug here, not bad input
+def _same_table(meta: MetaModel, table) -> None:
+    """The name table (its names and shapes) is the model Megatron built: a mismatch is a bug here,
+    not bad input."""
+    shapes = {m.megatron: m.shape for m in table}
+    missing, extra = set(meta.params) - set(shapes), set(shapes) - set(meta.params)
+    if missing or extra:
         raise RuntimeError(f"name table and model differ: not in the table {sorted(missing)[:5]}, "
                            f"not in the model {sorted(extra)[:5]}")
+    wrong = [f"{n}: table {shapes[n]}, model {tuple(t.shape)}" for n, t in meta.params.items()
+             if tuple(t.shape) != shapes[n]]
+    if wrong:
+        raise RuntimeError(f"name table and model differ in shape: {'; '.join(wrong[:3])}")
 
 
 def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
@@ -128,10 +138,6 @@ def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_byt
     """Convert the Megatron checkpoint ``ckpt_dir`` (a save folder or one step of it, saved under any
     parallel layout) to the released HF layout in ``out_dir``.  ``dtype`` defaults to the run's
     (``--bf16`` -> bfloat16); the router's expert bias stays float32, as in the release."""
-    from megatron_dsv3.args.compose import preset_from_args
-    from megatron_dsv3.convert.hf_config import hf_config_from_preset
-    from megatron_dsv3.convert.hf_writer import DEFAULT_SHARD_BYTES, write_hf_checkpoint
-
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     _check_output(out_dir, overwrite)
     ckpt = MegatronCheckpoint(ckpt_dir)
@@ -145,14 +151,12 @@ def megatron_to_hf(ckpt_dir, out_dir, *, dtype: str | None = None, max_shard_byt
 
     with single_process():
         meta = MetaModel(preset, stored)
-        _same_names(meta, {m.megatron: m for m in table})
+        _same_table(meta, table)
         _check_shapes(ckpt, meta)
-        plan, copies = export_plan(preset, meta, table, out_dtype)
+        plan, copies = export_plan(preset, table, out_dtype)
         total = sum(math.prod(shape) * dt.itemsize for _, shape, dt in plan)
         bar = Progress(f"megatron-to-hf {ckpt_dir.name}", total, enabled=progress)
-        pieces_of: dict[str, list] = {}
-        for piece in meta.pieces:
-            pieces_of.setdefault(piece.name, []).append(piece)
+        pieces_of = meta.pieces_of()
 
         def read_group(names: list[str]) -> dict[str, torch.Tensor]:
             buffers = {n: torch.empty(meta.params[n].shape, dtype=meta.params[n].dtype) for n in names}
@@ -192,8 +196,8 @@ def _hf_dtype(hf_name: str, out_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if hf_name.endswith("e_score_correction_bias") else out_dtype
 
 
-def export_plan(preset, meta: MetaModel, table: list[Mapping], out_dtype):
-    """``plan``: (HF name, shape, dtype) in the order they are written (the table's);
+def export_plan(preset: ModelPreset, table: list[Mapping], out_dtype: torch.dtype):
+    """``plan``: (HF name, shape, dtype) in the order they are written (the table's, shapes from it);
     ``copies``: HF name -> the MTP copies written after it."""
     plan = []
     copies: dict[str, list[str]] = {}
@@ -201,12 +205,7 @@ def export_plan(preset, meta: MetaModel, table: list[Mapping], out_dtype):
     for hf_name, megatron_name in mtp_copies(preset):
         copies.setdefault(by_megatron[megatron_name].hf[0], []).append(hf_name)
     for m in table:
-        shape = tuple(meta.params[m.megatron].shape)
-        if m.transform == "glu":
-            halves = [(shape[0] // 2, *shape[1:])] * 2
-        else:
-            halves = [shape]
-        for hf_name, hf_shape in zip(m.hf, halves):
+        for hf_name, hf_shape in m.hf_shapes():
             for out_name in [hf_name] + copies.get(hf_name, []):
                 plan.append((out_name, hf_shape, _hf_dtype(out_name, out_dtype)))
     return plan, copies

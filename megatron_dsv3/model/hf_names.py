@@ -13,6 +13,8 @@ layout).  HF names are those of the released checkpoints (``model.layers.N.mlp.e
   ``megatron/core/models/common/embeddings/rope_utils.py``), as transformers does with
   ``rope_interleave=True``.
 
+Each row also gives the tensor's shape from the preset, so the HF names a checkpoint must hold and
+their shapes (:func:`hf_shapes`, what the converter checks a checkpoint against) come from here too.
 Used by the HuggingFace-equivalence test and the checkpoint converter (:mod:`megatron_dsv3.convert`).
 """
 
@@ -24,18 +26,27 @@ import torch
 
 from megatron_dsv3.model.presets import ModelPreset
 
-# (Megatron name inside a decoder layer, HF name inside a layer, transform)
+# (Megatron name inside a decoder layer, HF name(s) inside a layer, transform, the Megatron tensor's
+# shape from the preset).  The shapes are the HF layout's (DeepSeek's ``modeling_deepseek.py``,
+# transformers' ``modeling_deepseek_v3.py``): a glu row's HF tensors are its two halves by rows.
+# tests/test_hf_equivalence.py holds them against the model Megatron builds and transformers'.
 _ATTENTION = [
-    ("input_layernorm.weight", "input_layernorm.weight", "copy"),
-    ("self_attention.linear_q_down_proj.weight", "self_attn.q_a_proj.weight", "copy"),
-    ("self_attention.q_layernorm.weight", "self_attn.q_a_layernorm.weight", "copy"),
-    ("self_attention.linear_q_up_proj.weight", "self_attn.q_b_proj.weight", "copy"),
-    ("self_attention.linear_q_proj.weight", "self_attn.q_proj.weight", "copy"),
-    ("self_attention.linear_kv_down_proj.weight", "self_attn.kv_a_proj_with_mqa.weight", "copy"),
-    ("self_attention.kv_layernorm.weight", "self_attn.kv_a_layernorm.weight", "copy"),
-    ("self_attention.linear_kv_up_proj.weight", "self_attn.kv_b_proj.weight", "copy"),
-    ("self_attention.linear_proj.weight", "self_attn.o_proj.weight", "copy"),
-    ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight", "copy"),
+    ("input_layernorm.weight", "input_layernorm.weight", "copy", lambda p: (p.hidden_size,)),
+    ("self_attention.linear_q_down_proj.weight", "self_attn.q_a_proj.weight", "copy",
+     lambda p: (p.q_lora_rank, p.hidden_size)),
+    ("self_attention.q_layernorm.weight", "self_attn.q_a_layernorm.weight", "copy", lambda p: (p.q_lora_rank,)),
+    ("self_attention.linear_q_up_proj.weight", "self_attn.q_b_proj.weight", "copy",
+     lambda p: (p.num_attention_heads * p.qk_head_dim, p.q_lora_rank)),
+    ("self_attention.linear_q_proj.weight", "self_attn.q_proj.weight", "copy",
+     lambda p: (p.num_attention_heads * p.qk_head_dim, p.hidden_size)),
+    ("self_attention.linear_kv_down_proj.weight", "self_attn.kv_a_proj_with_mqa.weight", "copy",
+     lambda p: (p.kv_lora_rank + p.qk_rope_head_dim, p.hidden_size)),
+    ("self_attention.kv_layernorm.weight", "self_attn.kv_a_layernorm.weight", "copy", lambda p: (p.kv_lora_rank,)),
+    ("self_attention.linear_kv_up_proj.weight", "self_attn.kv_b_proj.weight", "copy",
+     lambda p: (p.num_attention_heads * (p.qk_nope_head_dim + p.v_head_dim), p.kv_lora_rank)),
+    ("self_attention.linear_proj.weight", "self_attn.o_proj.weight", "copy",
+     lambda p: (p.hidden_size, p.num_attention_heads * p.v_head_dim)),
+    ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight", "copy", lambda p: (p.hidden_size,)),
 ]
 _COMPRESSED_QUERY = {
     "self_attention.linear_q_down_proj.weight",
@@ -44,24 +55,34 @@ _COMPRESSED_QUERY = {
 }
 _PLAIN_QUERY = {"self_attention.linear_q_proj.weight"}
 _DENSE_MLP = [
-    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "glu"),
-    ("mlp.linear_fc2.weight", "mlp.down_proj.weight", "copy"),
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "glu",
+     lambda p: (2 * p.ffn_hidden_size, p.hidden_size)),
+    ("mlp.linear_fc2.weight", "mlp.down_proj.weight", "copy", lambda p: (p.hidden_size, p.ffn_hidden_size)),
 ]
 _MOE = [
-    ("mlp.router.weight", "mlp.gate.weight", "copy"),
-    ("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias", "copy"),
-    ("mlp.shared_experts.linear_fc1.weight", ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"), "glu"),
-    ("mlp.shared_experts.linear_fc2.weight", "mlp.shared_experts.down_proj.weight", "copy"),
+    ("mlp.router.weight", "mlp.gate.weight", "copy", lambda p: (p.num_routed_experts, p.hidden_size)),
+    ("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias", "copy", lambda p: (p.num_routed_experts,)),
+    ("mlp.shared_experts.linear_fc1.weight", ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"),
+     "glu", lambda p: (2 * p.num_shared_experts * p.moe_ffn_hidden_size, p.hidden_size)),
+    ("mlp.shared_experts.linear_fc2.weight", "mlp.shared_experts.down_proj.weight", "copy",
+     lambda p: (p.hidden_size, p.num_shared_experts * p.moe_ffn_hidden_size)),
 ]
 _EXPERT = [
-    ("mlp.experts.local_experts.{e}.linear_fc1.weight", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), "glu"),
-    ("mlp.experts.local_experts.{e}.linear_fc2.weight", "mlp.experts.{e}.down_proj.weight", "copy"),
+    ("mlp.experts.local_experts.{e}.linear_fc1.weight", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
+     "glu", lambda p: (2 * p.moe_ffn_hidden_size, p.hidden_size)),
+    ("mlp.experts.local_experts.{e}.linear_fc2.weight", "mlp.experts.{e}.down_proj.weight", "copy",
+     lambda p: (p.hidden_size, p.moe_ffn_hidden_size)),
 ]
 _MTP = [
-    ("enorm.weight", "enorm.weight", "copy"),
-    ("hnorm.weight", "hnorm.weight", "copy"),
-    ("eh_proj.weight", "eh_proj.weight", "copy"),
-    ("final_layernorm.weight", "shared_head.norm.weight", "copy"),
+    ("enorm.weight", "enorm.weight", "copy", lambda p: (p.hidden_size,)),
+    ("hnorm.weight", "hnorm.weight", "copy", lambda p: (p.hidden_size,)),
+    ("eh_proj.weight", "eh_proj.weight", "copy", lambda p: (p.hidden_size, 2 * p.hidden_size)),
+    ("final_layernorm.weight", "shared_head.norm.weight", "copy", lambda p: (p.hidden_size,)),
+]
+_TOP = [
+    ("embedding.word_embeddings.weight", "model.embed_tokens.weight", "copy", lambda p: (p.vocab_size, p.hidden_size)),
+    ("decoder.final_layernorm.weight", "model.norm.weight", "copy", lambda p: (p.hidden_size,)),
+    ("output_layer.weight", "lm_head.weight", "copy", lambda p: (p.vocab_size, p.hidden_size)),
 ]
 
 # The released checkpoints also store, in each MTP layer, copies of the embedding and the output
@@ -77,6 +98,13 @@ class Mapping:
     megatron: str
     hf: tuple[str, ...]
     transform: str
+    shape: tuple[int, ...]  # the Megatron tensor's
+
+    def hf_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``(HF name, shape)`` of each HF tensor (a glu's are the two halves of :attr:`shape` by rows)."""
+        if self.transform == "glu":
+            return [(name, (self.shape[0] // 2, *self.shape[1:])) for name in self.hf]
+        return [(self.hf[0], self.shape)]
 
     def join(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """The Megatron tensor from its HF tensors (in ``hf`` order)."""
@@ -89,11 +117,15 @@ class Mapping:
 
 def name_table(p: ModelPreset, *, include_mtp: bool = True) -> list[Mapping]:
     """Every parameter (and the expert-bias buffer) of ``p``, Megatron name -> HF name(s)."""
-    table = [
-        Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "copy"),
-        Mapping("decoder.final_layernorm.weight", ("model.norm.weight",), "copy"),
-        Mapping("output_layer.weight", ("lm_head.weight",), "copy"),
-    ]
+    table: list[Mapping] = []
+
+    def add(rows, megatron_prefix: str, hf_prefix: str, **fields) -> None:
+        for meg, hf, transform, shape in rows:
+            hf = (hf,) if isinstance(hf, str) else hf
+            hf_names = tuple(hf_prefix + h.format(**fields) for h in hf)
+            table.append(Mapping(megatron_prefix + meg.format(**fields), hf_names, transform, tuple(shape(p))))
+
+    add(_TOP, "", "")
 
     # With a compressed query (q_lora_rank) there is no plain q projection, and vice versa.
     unused = _PLAIN_QUERY if p.q_lora_rank is not None else _COMPRESSED_QUERY
@@ -104,24 +136,17 @@ def name_table(p: ModelPreset, *, include_mtp: bool = True) -> list[Mapping]:
             rows = [r for r in rows if "expert_bias" not in r[0]]
         if moe and not p.num_shared_experts:
             rows = [r for r in rows if "shared_experts" not in r[0]]
-        for meg, hf, transform in rows:
-            hf = (hf,) if isinstance(hf, str) else hf
-            table.append(Mapping(megatron_prefix + meg, tuple(hf_prefix + h for h in hf), transform))
+        add(rows, megatron_prefix, hf_prefix)
         if moe:
             for e in range(p.num_routed_experts):
-                for meg, hf, transform in _EXPERT:
-                    hf = (hf,) if isinstance(hf, str) else hf
-                    table.append(Mapping(
-                        megatron_prefix + meg.format(e=e), tuple(hf_prefix + h.format(e=e) for h in hf), transform
-                    ))
+                add(_EXPERT, megatron_prefix, hf_prefix, e=e)
 
     for i in range(p.num_layers):
         layer(f"decoder.layers.{i}.", f"model.layers.{i}.", moe=i >= p.first_k_dense)
     if include_mtp:
         for k in range(p.mtp_num_layers):
             hf_prefix = f"model.layers.{p.num_layers + k}."
-            for meg, hf, transform in _MTP:
-                table.append(Mapping(f"mtp.layers.{k}.{meg}", (hf_prefix + hf,), transform))
+            add(_MTP, f"mtp.layers.{k}.", hf_prefix)
             layer(f"mtp.layers.{k}.mtp_model_layer.", hf_prefix, moe=p.num_moe_layers > 0)
     return table
 
@@ -142,20 +167,29 @@ def mtp_copies(p: ModelPreset) -> list[tuple[str, str]]:
             for k in range(p.mtp_num_layers) for hf, meg in _MTP_COPIES]
 
 
+def hf_shapes(p: ModelPreset) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor name a released checkpoint of ``p`` holds (MTP and its copies
+    included; FP8 block scales aside), in the table's order."""
+    table = name_table(p, include_mtp=True)
+    shapes = {name: shape for m in table for name, shape in m.hf_shapes()}
+    by_megatron = {m.megatron: m for m in table}
+    shapes.update({hf: by_megatron[meg].shape for hf, meg in mtp_copies(p)})
+    return shapes
+
+
 def markdown() -> str:
     """The table as ``docs/checkpoints.md`` shows it (``L``: a layer, ``E``: an expert, ``M``: an
     MTP layer, stored by HF as layer ``num_layers + M``); tests check the doc holds it."""
-    rows = [("embedding.word_embeddings.weight", "model.embed_tokens.weight", "copy"),
-            ("decoder.final_layernorm.weight", "model.norm.weight", "copy"),
-            ("output_layer.weight", "lm_head.weight", "copy")]
+    rows = []
 
     def add(meg_prefix: str, hf_prefix: str, entries, note: str = "") -> None:
-        for meg, hf, transform in entries:
+        for meg, hf, transform, _ in entries:
             hf = (hf,) if isinstance(hf, str) else hf
             meg = meg.replace("{e}", "E")
             names = " + ".join(hf_prefix + h.replace("{e}", "E") for h in hf)
             rows.append((meg_prefix + meg, names, transform + note))
 
+    add("", "", _TOP)
     add("decoder.layers.L.", "model.layers.L.", _ATTENTION)
     add("decoder.layers.L.", "model.layers.L.", _DENSE_MLP, " (dense layers)")
     add("decoder.layers.L.", "model.layers.L.", _MOE, " (MoE layers)")
