@@ -33,7 +33,7 @@ RECIPE = "deepseek-v3-671b-h800-2048"
 def simulated_671b() -> None:
     from megatron_dsv3.pipeline import compare
     from megatron_dsv3.recipe.schedule import recipe_costs
-    from megatron_dsv3.pipeline.engine import DEEPSEEK
+    from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
     from megatron_dsv3.recipe import load_recipe
 
     model, context = recipe_costs(load_recipe(RECIPE))
@@ -45,7 +45,7 @@ def simulated_671b() -> None:
           f" IB {context['machine']['ib_gbs']:g} GB/s")
     for overlap in (True, False):
         results = compare.compare(["1f1b", "zb1p", "dualpipe", "dualpipev"], pp, m,
-                                  lambda s: model.costs(overlap and s in DEEPSEEK))  # noqa: B023
+                                  lambda s: model.costs(overlap and s in DEEPSEEK_SCHEDULES))  # noqa: B023
         print(f"\nDualPipe(V) {'with' if overlap else 'without'} the forward/backward overlap:")
         print(compare.render_table(results, " ms"))
         if overlap:

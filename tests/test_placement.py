@@ -15,7 +15,7 @@ import pytest
 
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.parallel import ParallelLayout, place, placement_for
-from megatron_dsv3.parallel.placement import megatron_layout
+from megatron_dsv3.parallel.megatron_layout import megatron_layout
 
 
 def _megatron_config(num_layers: int, pp: int, vpp: int | None):

@@ -22,7 +22,8 @@ import sys
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.backends import resolve_backend
 from megatron_dsv3.model.options import attach_options
-from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, Placement, ScheduleOptions, megatron_layout, place
+from megatron_dsv3.parallel.megatron_layout import ScheduleOptions, megatron_layout
+from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, Placement, place
 
 # Megatron argument (dest) -> value, per decision.
 CPU_SETTINGS = {

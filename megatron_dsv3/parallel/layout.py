@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 # Pipeline schedules by their paper / Megatron names.  1f1b and interleaved are Megatron-Core's own;
 # dualpipe and dualpipev are DeepSeek's (arXiv 2412.19437v2, section 3.2.1).
-SCHEDULES = ("1f1b", "interleaved", "dualpipe", "dualpipev")
+MEGATRON_SCHEDULES = ("1f1b", "interleaved")
+DEEPSEEK_SCHEDULES = ("dualpipe", "dualpipev")
+SCHEDULES = MEGATRON_SCHEDULES + DEEPSEEK_SCHEDULES
 SCHEDULE_NAMES = {"1f1b": "1F1B", "interleaved": "interleaved 1F1B", "dualpipe": "DualPipe", "dualpipev": "DualPipeV"}
 
 

@@ -33,12 +33,13 @@ def compare(schedules: list[str], pp: int, num_microbatches: int, costs_for, *, 
             zero_bubble: bool = True) -> list[Result]:
     """``costs_for(schedule)`` gives each schedule's costs; a schedule that cannot run the sizes is
     kept with the reason (so a comparison over ``all`` still shows the others)."""
-    from megatron_dsv3.pipeline.engine import DEEPSEEK, check_microbatches
+    from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
+    from megatron_dsv3.pipeline.engine import check_microbatches
 
     results = []
     for name in schedules:
         try:
-            if name in DEEPSEEK:
+            if name in DEEPSEEK_SCHEDULES:
                 check_microbatches(name, pp, num_microbatches)
             elif pp < 2 and name != "1f1b":
                 raise ConfigError(f"{name} needs pp >= 2", fix="raise --pp")

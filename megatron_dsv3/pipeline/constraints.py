@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.parallel.placement import ScheduleOptions
+from megatron_dsv3.parallel.megatron_layout import ScheduleOptions
 
 _NAMES = {"zero_bubble": "zero bubble", "fb_overlap": "F&B overlap"}
 _FLAGS = {"zero_bubble": "--dualpipe-zero-bubble", "fb_overlap": "--dualpipe-fb-overlap"}

@@ -35,8 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
 
-DEEPSEEK = ("dualpipe", "dualpipev")
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ class _Program:
 
 def rank_program(schedule: str, pp: int, num_microbatches: int, rank: int) -> list[Action]:
     """Rank ``rank``'s program under ``schedule`` (``dualpipe`` or ``dualpipev``)."""
-    if schedule not in DEEPSEEK:
+    if schedule not in DEEPSEEK_SCHEDULES:
         raise ValueError(f"not a DeepSeek schedule: {schedule}")
     return _Program(schedule, pp, num_microbatches, rank).build()
 

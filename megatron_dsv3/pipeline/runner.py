@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_dsv3.model.wgrad import WGRAD
-from megatron_dsv3.parallel.placement import Chunk, Placement, placement_of, schedule_options_of
+from megatron_dsv3.parallel.megatron_layout import schedule_options_of
+from megatron_dsv3.parallel.placement import Chunk, Placement, placement_of
 from megatron_dsv3.pipeline import copies
 from megatron_dsv3.pipeline.engine import Op, global_microbatch, microbatches_per_chunk, rank_program
 

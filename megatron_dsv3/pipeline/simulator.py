@@ -36,7 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.pipeline.engine import DEEPSEEK, Op, rank_ops
+from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
+from megatron_dsv3.pipeline.engine import Op, rank_ops
 from megatron_dsv3.pipeline.in_flight import forward_order
 
 SIMULATED = ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev")
@@ -92,7 +93,7 @@ class Timeline:
     def peak_activations(self) -> int:
         from megatron_dsv3.pipeline.in_flight import deepseek_in_flight, megatron_in_flight
 
-        if self.schedule in DEEPSEEK:
+        if self.schedule in DEEPSEEK_SCHEDULES:
             return max(len(deepseek_in_flight(self.schedule, self.pp, r, self.num_microbatches))
                        for r in range(self.pp))
         if self.schedule == "zb1p":
@@ -314,7 +315,7 @@ def simulate(schedule: str, pp: int, num_microbatches: int, costs: Costs | None 
                           " the backward)", fix="give the whole backward as --b and its weight part as --w",
                           key="--w")
     timeline = Timeline(schedule, pp, num_microbatches, costs)
-    if schedule in DEEPSEEK:
+    if schedule in DEEPSEEK_SCHEDULES:
         timeline.stages, timeline.vpp = _stages(schedule, pp), 2
         timeline.ranks = _simulate(_deepseek_tasks(schedule, pp, num_microbatches, zero_bubble),
                                     timeline.stages, costs)

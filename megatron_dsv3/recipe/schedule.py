@@ -66,7 +66,7 @@ def recipe_schedule(recipe, *, tflops: float | None = None, ib_gbs: float | None
                     fb_overlap: bool | None = None) -> RecipeSchedule:
     """The recipe's step as the simulator sees it; each argument given overrides the recipe's figure
     (``fb_overlap`` None: as a DualPipe job of this recipe would resolve it)."""
-    from megatron_dsv3.pipeline.engine import DEEPSEEK
+    from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
 
     default = Machine.default(recipe.precision, recipe.hardware.gpus_per_node)
     machine = Machine(tflops=tflops or default.tflops, ib_gbs=ib_gbs or default.ib_gbs,
@@ -86,5 +86,5 @@ def recipe_schedule(recipe, *, tflops: float | None = None, ib_gbs: float | None
     context = {"recipe": recipe.name, **context, "microbatches": microbatches, "model_ms": model.to_dict(),
                "fb_overlap": fb_overlap}
     return RecipeSchedule(pp=context["pp"], microbatches=microbatches, vpp=vpp or context["vpp"] or 2,
-                          costs_for=lambda s: model.costs(fb_overlap and s in DEEPSEEK), context=context,
+                          costs_for=lambda s: model.costs(fb_overlap and s in DEEPSEEK_SCHEDULES), context=context,
                           summary=summary)
