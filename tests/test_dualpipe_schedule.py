@@ -20,7 +20,8 @@ import pytest
 
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.pipeline.constraints import decide_options, resolve_options
-from megatron_dsv3.pipeline.engine import check_microbatches, global_microbatch, rank_ops, rank_program
+from megatron_dsv3.parallel.schedule_rules import check_microbatches
+from megatron_dsv3.pipeline.engine import global_microbatch, rank_ops, rank_program
 from megatron_dsv3.pipeline.in_flight import deepseek_in_flight
 from megatron_dsv3.pipeline.simulator import Costs, simulate
 

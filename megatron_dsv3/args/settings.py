@@ -24,6 +24,7 @@ from megatron_dsv3.model.backends import resolve_backend
 from megatron_dsv3.model.options import attach_options
 from megatron_dsv3.parallel.megatron_layout import ScheduleOptions, megatron_layout
 from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, Placement, place
+from megatron_dsv3.parallel.schedule_rules import FLAG_NAMES, check_schedule
 
 # Megatron argument (dest) -> value, per decision.
 CPU_SETTINGS = {
@@ -207,39 +208,23 @@ def _check_conflicts(args, settings: dict, requested: str) -> None:
 
 
 def _check_schedule(args) -> None:
+    """The schedule's rules (:mod:`megatron_dsv3.parallel.schedule_rules`) on Megatron's flags, and
+    the stage layout, before any model is built."""
     schedule = getattr(args, "pipeline_schedule", None)
-    if schedule not in DEEPSEEK_SCHEDULES:
-        for dest in ("dualpipe_zero_bubble", "dualpipe_fb_overlap"):
-            if getattr(args, dest, None) is not None:
-                flag = "--" + dest.replace("_", "-")
-                raise ConfigError(f"{flag} is an option of --pipeline-schedule dualpipe and dualpipev"
-                                  f" (the schedule here is {schedule or 'Megatron`s own'})",
-                                  fix=f"remove {flag}, or add --pipeline-schedule dualpipev", key=flag)
+    given = [o for o in ("zero_bubble", "fb_overlap") if getattr(args, f"dualpipe_{o}", None) is not None]
     if schedule is None:
-        return
+        if given:
+            check_schedule("1f1b", pp=args.pipeline_model_parallel_size, vpp=None, has_layout=False,
+                           options_given=given, names=FLAG_NAMES)
+        return  # Megatron's own choice, checked by Megatron
     virtual = args.num_virtual_stages_per_pipeline_rank or args.num_layers_per_virtual_pipeline_stage
-    if schedule == "interleaved" and not (virtual or args.pipeline_model_parallel_layout):
-        raise ConfigError("--pipeline-schedule interleaved needs virtual stages",
-                          fix="pass --num-virtual-stages-per-pipeline-rank N (N >= 2) or a"
-                          " --pipeline-model-parallel-layout with more stages than ranks",
-                          key="--pipeline-schedule")
-    if schedule == "1f1b" and virtual and virtual > 1:
-        raise ConfigError(f"--pipeline-schedule 1f1b with {virtual} virtual stages per rank",
-                          fix="use --pipeline-schedule interleaved, or drop the virtual stages",
-                          key="--pipeline-schedule")
+    check_schedule(schedule, pp=args.pipeline_model_parallel_size, vpp=virtual,
+                   has_layout=args.pipeline_model_parallel_layout is not None, options_given=given, names=FLAG_NAMES)
+    if schedule == "dualpipe" and getattr(args, "log_params_norm", False):
+        raise ConfigError("--log-params-norm with --pipeline-schedule dualpipe: Megatron's parameter norm"
+                          " refuses the mirrored expert copies (marked shared, counted once)",
+                          fix="drop --log-params-norm, or use dualpipev", key="--log-params-norm")
     if schedule in DEEPSEEK_SCHEDULES:
-        if virtual:
-            raise ConfigError(f"--pipeline-schedule {schedule} places two chunks per rank itself",
-                              fix="remove --num-virtual-stages-per-pipeline-rank", key="--pipeline-schedule")
-        if args.pipeline_model_parallel_size < 2:
-            raise ConfigError(f"--pipeline-schedule {schedule} needs --pipeline-model-parallel-size >= 2"
-                              f" (got {args.pipeline_model_parallel_size})",
-                              fix="raise the pipeline size, or drop --pipeline-schedule", key="--pipeline-schedule")
-        if schedule == "dualpipe" and getattr(args, "log_params_norm", False):
-            raise ConfigError("--log-params-norm with --pipeline-schedule dualpipe: Megatron's parameter norm"
-                              " refuses the mirrored expert copies (marked shared, counted once)",
-                              fix="drop --log-params-norm, or use dualpipev", key="--log-params-norm")
-        # The stage layout is checked here, before any model is built.
         place(args.num_layers, args.mtp_num_layers or 0, args.pipeline_model_parallel_size,
               layout=args.pipeline_model_parallel_layout, schedule=schedule)
 

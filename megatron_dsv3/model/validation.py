@@ -6,6 +6,7 @@ from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.presets import ModelPreset
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, default_schedule, place
+from megatron_dsv3.parallel.schedule_rules import check_schedule
 
 # Megatron's MLATransformerConfig has no command-line flags for these YaRN fields; its defaults
 # (transformer_config.py, MLATransformerConfig) are DeepSeek's values.
@@ -135,36 +136,9 @@ def validate_layout(p: ModelPreset, layout: ParallelLayout) -> None:
 
 def _validate_pipeline(p: ModelPreset, layout: ParallelLayout) -> None:
     """The schedule against the pipeline sizes; the layers per stage as the placement needs them."""
-    if layout.vpp is not None:
-        _require(
-            layout.pp > 1 and layout.vpp >= 1,
-            f"parallel.vpp={layout.vpp} needs parallel.pp > 1 (got {layout.pp})",
-            "remove vpp or raise pp", "vpp",
-        )
     schedule = layout.schedule or default_schedule(layout.pp, layout.vpp, layout.layout)
-    for option in ("zero_bubble", "fb_overlap"):
-        _require(getattr(layout, option) is None or schedule in DEEPSEEK_SCHEDULES,
-                 f"parallel.{option} is an option of the dualpipe and dualpipev schedules (schedule is {schedule})",
-                 f"remove parallel.{option}, or set parallel.schedule: dualpipev", option)
-    if schedule in DEEPSEEK_SCHEDULES:
-        _require(layout.vpp is None,
-                 f"parallel.vpp={layout.vpp} with parallel.schedule={schedule}: the schedule places two"
-                 " chunks per rank itself", "remove parallel.vpp", "vpp")
-        _require(layout.pp >= 2, f"parallel.schedule={schedule} needs parallel.pp >= 2 (got {layout.pp})",
-                 "raise pp, or use the 1f1b schedule", "schedule")
-        _require(schedule != "dualpipe" or layout.pp % 2 == 0,
-                 f"parallel.schedule=dualpipe needs an even parallel.pp (got {layout.pp}): micro-batches"
-                 " enter from both ends and meet in the middle",
-                 "use an even pp, or dualpipev (any pp >= 2)", "schedule")
-    elif schedule == "interleaved":
-        _require(layout.pp > 1 and ((layout.vpp or 1) > 1 or layout.layout is not None),
-                 f"parallel.schedule=interleaved needs parallel.pp > 1 and parallel.vpp > 1"
-                 f" (got pp={layout.pp}, vpp={layout.vpp})", "set vpp (virtual stages per rank) or a layout",
-                 "schedule")
-    else:
-        _require((layout.vpp or 1) == 1,
-                 f"parallel.schedule=1f1b with parallel.vpp={layout.vpp} virtual stages per rank",
-                 "use schedule: interleaved, or remove vpp", "schedule")
+    check_schedule(schedule, pp=layout.pp, vpp=layout.vpp, has_layout=layout.layout is not None,
+                   options_given=[o for o in ("zero_bubble", "fb_overlap") if getattr(layout, o) is not None])
     if layout.layout is None and schedule not in DEEPSEEK_SCHEDULES:
         stages = layout.pp * (layout.vpp or 1)
         _require(

@@ -34,7 +34,7 @@ def compare(schedules: list[str], pp: int, num_microbatches: int, costs_for, *, 
     """``costs_for(schedule)`` gives each schedule's costs; a schedule that cannot run the sizes is
     kept with the reason (so a comparison over ``all`` still shows the others)."""
     from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
-    from megatron_dsv3.pipeline.engine import check_microbatches
+    from megatron_dsv3.parallel.schedule_rules import check_microbatches
 
     results = []
     for name in schedules:

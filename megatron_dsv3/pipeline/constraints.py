@@ -1,8 +1,8 @@
 """What DualPipe(V)'s options combine with, checked before any model is built; each error says the fix.
 
 Used twice, with the same rules: by ``megatron-dsv3 check`` on a recipe and, when the job starts, on
-Megatron's parsed arguments (:mod:`megatron_dsv3.args.settings`).  The micro-batch rules are the
-engine's (:func:`megatron_dsv3.pipeline.engine.check_microbatches`).
+Megatron's parsed arguments (:mod:`megatron_dsv3.args.settings`).  What a schedule requires of the
+pipeline sizes and micro-batches is :mod:`megatron_dsv3.parallel.schedule_rules`.
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
+from megatron_dsv3.parallel.schedule_rules import check_microbatches
 
 
 
@@ -77,25 +77,6 @@ class Action:
     kind: str
     chunk: int | None = None
     op: Op | None = None
-
-
-def check_microbatches(schedule: str, pp: int, num_microbatches: int) -> None:
-    """The reference's constraints, as errors that say the fix (FACTS.md, "DualPipe")."""
-    if schedule == "dualpipe" and pp % 2:
-        raise ConfigError(f"dualpipe needs an even number of pipeline ranks, got pp={pp}",
-                          fix="use an even pp, or dualpipev (any pp >= 2)", key="parallel.pp")
-    if pp < 2:
-        raise ConfigError(f"{schedule} needs at least 2 pipeline ranks, got pp={pp}", fix="raise pp",
-                          key="parallel.pp")
-    if num_microbatches < 2 * pp or (schedule == "dualpipe" and num_microbatches % 2):
-        even = schedule == "dualpipe"
-        raise ConfigError(
-            f"{schedule} on pp={pp} needs {'an even' if even else 'a'} number of at least 2 x pp = {2 * pp}"
-            f" micro-batches per step, got {num_microbatches}",
-            fix=f"raise the global batch to at least {2 * pp} micro-batches per data-parallel rank"
-            + (" in an even number" if even else ""),
-            key="training.global_batch_size",
-        )
 
 
 class _Program:

@@ -13,7 +13,7 @@ from megatron_dsv3.model.backends import planned_backend
 from megatron_dsv3.model.validation import validate
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.parallel.placement import place
-from megatron_dsv3.pipeline.engine import check_microbatches
+from megatron_dsv3.parallel.schedule_rules import check_microbatches
 from megatron_dsv3.recipe.sizes import fail as _fail
 from megatron_dsv3.recipe.schedule import schedule_options
 from megatron_dsv3.recipe.sizes import global_batch, parallel_layout
