@@ -4,6 +4,9 @@
 hook, ``--spec dsv3``) resolves to.  Importing this package imports neither torch nor Megatron.
 """
 
+from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.runtime.activation import activated_by
+
 __version__ = "0.1.0"
 
 
@@ -16,8 +19,8 @@ def dsv3(config, vp_stage=None, pp_rank=None):
     plugin must be active (the start-up hook, the patch, or ``megatron_dsv3.launch.activate()``):
     the fixes Megatron needs for these layers are applied then, not while a spec is built.
     """
-    from megatron_dsv3.errors import ConfigError
-    from megatron_dsv3.runtime.activation import activated_by
+    # lazy: importing the package (as Megatron's --spec resolution and the start-up hook do) must not
+    # import torch or Megatron; the spec needs both.
     from megatron_dsv3.model.spec import dsv3_block_spec
 
     if activated_by() is None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_dsv3.fp8 import emulation, scaled_mm
 from megatron_dsv3.fp8.quantize import BlockQuantized, quantize_for
 from megatron_dsv3.fp8.recipes import FP8Recipe
 from megatron_dsv3.model.options import options_of
@@ -36,12 +37,10 @@ class FP8Plan:
     def gemm(self, a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dtype) -> torch.Tensor:
         """``a @ b^T`` on this plan's backend."""
         if self.backend == "emulated":
-            from megatron_dsv3.fp8.emulation import gemm
-        elif self.backend == "pytorch":
-            from megatron_dsv3.fp8.scaled_mm import gemm
-        else:
-            raise ValueError(f"FP8 backend {self.backend!r} does not run our Linears (Transformer Engine runs its own)")
-        return gemm(a, b, out_dtype)
+            return emulation.gemm(a, b, out_dtype)
+        if self.backend == "pytorch":
+            return scaled_mm.gemm(a, b, out_dtype)
+        raise ValueError(f"FP8 backend {self.backend!r} does not run our Linears (Transformer Engine runs its own)")
 
     @property
     def runs_local_linears(self) -> bool:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.parallel.layout import SCHEDULE_NAMES
+from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES, SCHEDULE_NAMES
+from megatron_dsv3.parallel.schedule_rules import check_microbatches
 from megatron_dsv3.pipeline.simulator import SIMULATED, Costs, Timeline, simulate
 
 NAMES = {**SCHEDULE_NAMES, "zb1p": "ZB1P (ZB-H1)"}
@@ -33,9 +34,6 @@ def compare(schedules: list[str], pp: int, num_microbatches: int, costs_for, *, 
             zero_bubble: bool = True) -> list[Result]:
     """``costs_for(schedule)`` gives each schedule's costs; a schedule that cannot run the sizes is
     kept with the reason (so a comparison over ``all`` still shows the others)."""
-    from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
-    from megatron_dsv3.parallel.schedule_rules import check_microbatches
-
     results = []
     for name in schedules:
         try:

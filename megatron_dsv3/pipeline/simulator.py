@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
-from megatron_dsv3.pipeline.engine import Op, rank_ops
-from megatron_dsv3.pipeline.in_flight import forward_order
+from megatron_dsv3.parallel.placement import place
+from megatron_dsv3.pipeline.engine import Op, global_microbatch, rank_ops
+from megatron_dsv3.pipeline.in_flight import deepseek_in_flight, forward_order, megatron_in_flight
 
 SIMULATED = ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev")
 
@@ -91,8 +92,6 @@ class Timeline:
 
     @property
     def peak_activations(self) -> int:
-        from megatron_dsv3.pipeline.in_flight import deepseek_in_flight, megatron_in_flight
-
         if self.schedule in DEEPSEEK_SCHEDULES:
             return max(len(deepseek_in_flight(self.schedule, self.pp, r, self.num_microbatches))
                        for r in range(self.pp))
@@ -200,9 +199,6 @@ def _deepseek_tasks(schedule: str, pp: int, num_microbatches: int, zero_bubble: 
     """Each rank's operations from the engine, keyed by (model stage, step micro-batch): a DualPipe
     micro-batch entering at the last rank runs the stages 0, 1, ... on ranks pp-1, pp-2, ...
     Without ``zero_bubble`` every backward is whole (the engine's weight-gradient steps drop out)."""
-    from megatron_dsv3.parallel.placement import place
-    from megatron_dsv3.pipeline.engine import global_microbatch
-
     placement = place(_stages(schedule, pp), 0, pp, schedule=schedule)
     rows = []
     for r in range(pp):

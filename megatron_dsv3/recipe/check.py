@@ -9,13 +9,14 @@ pipeline schedule and placement) and the recipe-level rules below, each raising 
 from __future__ import annotations
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.model.backends import planned_backend
+from megatron_dsv3.fp8.support import gpu_capability, refusals, resolve_backend
+from megatron_dsv3.model.backends import planned_backend, transformer_engine_status
 from megatron_dsv3.model.validation import validate
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.parallel.placement import place
 from megatron_dsv3.parallel.schedule_rules import check_microbatches
-from megatron_dsv3.recipe.sizes import fail as _fail
 from megatron_dsv3.recipe.schedule import schedule_options
+from megatron_dsv3.recipe.sizes import fail as _fail
 from megatron_dsv3.recipe.sizes import global_batch, parallel_layout
 
 
@@ -216,9 +217,6 @@ def _check_data_and_checkpoint(recipe) -> None:
 
 # ---- FP8 (megatron_dsv3.fp8): a recipe the GPU, backend or layout cannot run is refused ----
 def _check_fp8(recipe, layout: ParallelLayout) -> None:
-    from megatron_dsv3.fp8.support import gpu_capability, refusals, resolve_backend
-    from megatron_dsv3.model.backends import transformer_engine_status
-
     section = recipe.fp8
     try:
         fp8 = section.resolved()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.parallel.layout import ParallelLayout
+from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES, ParallelLayout
 from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES
 from megatron_dsv3.pipeline.constraints import ResolvedOptions, decide_options
 from megatron_dsv3.pipeline.costs import Machine, ModelCosts, model_costs
@@ -66,8 +66,6 @@ def recipe_schedule(recipe, *, tflops: float | None = None, ib_gbs: float | None
                     fb_overlap: bool | None = None) -> RecipeSchedule:
     """The recipe's step as the simulator sees it; each argument given overrides the recipe's figure
     (``fb_overlap`` None: as a DualPipe job of this recipe would resolve it)."""
-    from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
-
     default = Machine.default(recipe.precision, recipe.hardware.gpus_per_node)
     machine = Machine(tflops=tflops or default.tflops, ib_gbs=ib_gbs or default.ib_gbs,
                       nvlink_gbs=nvlink_gbs or default.nvlink_gbs, gpus_per_node=default.gpus_per_node)

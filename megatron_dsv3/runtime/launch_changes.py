@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import sys
 
+from megatron_dsv3.args.options import add_dsv3_arguments
+from megatron_dsv3.args.settings import apply_plugin_options, attach_model_options, attach_placement
+from megatron_dsv3.model.spec_names import is_dsv3_spec, is_dsv3_spec_object, resolve_spec
+from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, placement_of
+from megatron_dsv3.runtime.cpu_mode import enable_cpu_mode
 from megatron_dsv3.runtime.registry import megatron_change, original, replace
 
 _ARGUMENT_UTILS = "megatron.training.argument_utils"
@@ -43,7 +48,6 @@ def spec_names_resolve_through_the_registry():
 
 
 def _registry_import_module():
-    from megatron_dsv3.model.spec_names import resolve_spec
 
     def import_module(module_path):
         return resolve_spec(module_path)
@@ -70,11 +74,6 @@ def plugin_options_join_megatron_parser():
     machine and sets ``--transformer-impl`` and what it needs, ``--dsv3-cpu`` enables CPU mode, a
     DeepSeek schedule sets two virtual stages per rank and keeps its stage layout for the placement.
     """
-    from megatron_dsv3.args.options import add_dsv3_arguments
-    from megatron_dsv3.args.settings import apply_plugin_options
-    from megatron_dsv3.runtime.cpu_mode import enable_cpu_mode
-    from megatron_dsv3.model.spec_names import is_dsv3_spec
-
     add_megatron_arguments = original("megatron.training.arguments.add_megatron_arguments")
     parse_args = original("megatron.training.arguments.parse_args")
 
@@ -163,8 +162,6 @@ def configs_carry_the_dualpipe_placement():
     config is returned unchanged.  The same wrapper attaches the model options the arguments imply
     (``megatron_dsv3.model.options``: the FP8 plan of ``--dsv3-fp8``, its provider and BF16 policy).
     """
-    from megatron_dsv3.args.settings import attach_model_options, attach_placement
-
     make_config = original("megatron.training.argument_utils.core_transformer_config_from_args")
 
     def core_transformer_config_from_args(args, config_class=None):
@@ -191,13 +188,11 @@ def dsv3_models_are_built_for_their_placement():
     asks the placement for each chunk's roles and otherwise builds exactly as Megatron does; the
     same builder builds the tests' models.  Other specs keep Megatron's builder.
     """
-    from megatron_dsv3.model.spec_names import is_dsv3_spec_object
-
     gpt_config_from_args = original("megatron.training.argument_utils.gpt_config_from_args")
 
     def gpt_config_from_args_with_dsv3_builder(args, *a, **kw):
-        # Imported here, not at activation: the start-up hook activates while megatron.training is
-        # first imported, which may be from inside megatron_dsv3.model.build itself.
+        # lazy: the start-up hook activates while megatron.training is first imported, which may be
+        # from inside megatron_dsv3.model.build itself (its import of megatron.training.models).
         from megatron_dsv3.model.build import use_dsv3_builder
 
         model_config = gpt_config_from_args(args, *a, **kw)
@@ -234,11 +229,10 @@ def training_loop_runs_dualpipe():
         def forward_backward(**step_kwargs):
             from megatron.core.utils import get_model_config
 
-            from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, placement_of
-
             model = step_kwargs["model"]
             config = get_model_config(model[0] if isinstance(model, list) else model)
             if placement_of(config).schedule in DEEPSEEK_SCHEDULES:
+                # lazy: the runner imports megatron_dsv3.model.build (see the builder change above).
                 from megatron_dsv3.pipeline.runner import dualpipe_forward_backward
 
                 return dualpipe_forward_backward(**step_kwargs)
@@ -279,8 +273,6 @@ def stage_roles_follow_the_dualpipe_placement():
 
     def dualpipe_chunk(config, vp_stage):
         from megatron.core import parallel_state
-
-        from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, placement_of
 
         placement = placement_of(config)
         if placement.schedule not in DEEPSEEK_SCHEDULES:

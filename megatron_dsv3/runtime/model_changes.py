@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from megatron_dsv3.fp8.experts import TOKEN_SOURCES
+from megatron_dsv3.fp8.plan import plan_of
+from megatron_dsv3.fp8.te import float8_block_scaling
 from megatron_dsv3.runtime.registry import megatron_change, original, replace
 
 _RESOLVER = "megatron.core.transformer.mla_qk_norm_config.QKNormConfigResolver._resolve_mla_qk_layernorm"
@@ -140,8 +143,6 @@ def moe_experts_know_their_token_sources():
     ``dispatch_postprocess`` the replacement records the dispatcher's counts, only when FP8
     experts were built (otherwise it costs one attribute check); the tokens are unchanged.
     """
-    from megatron_dsv3.fp8.experts import TOKEN_SOURCES
-
     dispatch_postprocess = original(_DISPATCH_POSTPROCESS)
 
     def dispatch_postprocess_recording_sources(self, global_input_tokens, global_probs):
@@ -168,8 +169,6 @@ def blockwise_fp8_recipe_follows_the_dsv3_recipe():
     built from the plan (``megatron_dsv3.fp8.te.float8_block_scaling``: explicit QParams, block
     dimensions); every other config gets Megatron's recipe unchanged.
     """
-    from megatron_dsv3.fp8.plan import plan_of
-
     get_fp8_recipe = original("megatron.core.fp8_utils.get_fp8_recipe")
 
     def get_fp8_recipe_from_the_plan(config):
@@ -178,8 +177,6 @@ def blockwise_fp8_recipe_follows_the_dsv3_recipe():
         if plan is None or plan.backend != "transformer_engine" or recipe != "blockwise":
             return get_fp8_recipe(config)
         from transformer_engine.common import recipe as te_recipe
-
-        from megatron_dsv3.fp8.te import float8_block_scaling
 
         return float8_block_scaling(plan.recipe, te_recipe)
 
