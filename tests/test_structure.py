@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import functools
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -102,13 +103,71 @@ def test_no_production_module_imports_the_test_harness():
     assert {m: d for m, d in offenders.items() if d} == {}
 
 
-def test_the_model_imports_nothing_outward():
-    """Imports point inward: the model folder knows nothing of recipes, arguments, launch or training."""
-    outward = ("megatron_dsv3.recipe", "megatron_dsv3.args", "megatron_dsv3.launch", "megatron_dsv3.train",
-               "megatron_dsv3.cli", "megatron_dsv3.runtime", "megatron_dsv3.pipeline")
-    bad = {m: sorted(d for d in deps if d.startswith(outward))
-           for m, deps in _graph().items() if m.startswith(("megatron_dsv3.model", "megatron_dsv3.parallel"))}
-    assert {m: d for m, d in bad.items() if d} == {}
+# The layers, bottom to top (docs/architecture.md says what each owns and why this order): a module
+# imports its own folder or a lower one, never a higher one, imports inside functions included.  The
+# package root is the `--spec` entry point (`megatron_dsv3.dsv3`), beside the command line at the top.
+LAYERS = ("errors", "data", "parallel", "model", "fp8", "pipeline", "recipe", "args", "runtime", "cpu",
+          "convert", "launch", "train", "cli", "", "testing")
+
+
+def _layer(module: str) -> int:
+    folder = module.split(".")[1] if "." in module else ""
+    if folder not in LAYERS:
+        raise AssertionError(f"{module}: the folder {folder!r} has no place in LAYERS (tests/test_structure.py)"
+                             " and docs/architecture.md; add it where its imports put it")
+    return LAYERS.index(folder) if folder != "cli" else LAYERS.index("")  # the two entry points share a layer
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if _layer(d) > _layer(m))
+
+
+def test_every_import_points_down_the_layers_counting_imports_inside_functions():
+    assert _upward(_graph()) == []
+
+
+def test_the_layer_check_catches_an_upward_import():
+    graph = {"megatron_dsv3.model.spec": {"megatron_dsv3.parallel.placement"},
+             "megatron_dsv3.parallel.placement": {"megatron_dsv3.errors"}, "megatron_dsv3.errors": set()}
+    assert _upward(graph) == []
+    graph["megatron_dsv3.model.spec"].add("megatron_dsv3.fp8.linear")  # the model must know no FP8
+    assert _upward(graph) == ["megatron_dsv3.model.spec -> megatron_dsv3.fp8.linear"]
+
+
+def test_the_architecture_page_lists_the_layers_in_this_order():
+    line = next(l for l in (ROOT / "docs" / "architecture.md").read_text().splitlines()
+                if l.startswith("Layers, bottom to top:"))
+    assert re.findall(r"`([a-z0-9_]+)`", line) == [name or "megatron_dsv3" for name in LAYERS]
+
+
+def _function_level_imports() -> list[tuple[str, int, str]]:
+    """``(file, line, text)`` of every import of the package inside a function, without a
+    ``# lazy: <reason>`` comment on its line or the line above."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else (
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                if not any(n == "megatron_dsv3" or n.startswith("megatron_dsv3.") for n in names):
+                    continue
+                here, above = lines[node.lineno - 1], lines[node.lineno - 2] if node.lineno > 1 else ""
+                if "# lazy:" not in here and "# lazy:" not in above:
+                    found.append((path.relative_to(ROOT).as_posix(), node.lineno, here.strip()))
+    return sorted(set(found))
+
+
+def test_imports_of_the_package_inside_functions_say_why_they_are_lazy():
+    """Lazy loading is the only reason to import the package inside a function (a cycle is not)."""
+    assert [f"{f}:{n}: {t}" for f, n, t in _function_level_imports()] == []
+
+
+def test_no_module_is_over_400_lines():
+    sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {p: n for p, n in sizes.items() if n > 400} == {}
 
 
 def test_the_wheel_holds_every_sub_package_and_the_shipped_data(tmp_path):
