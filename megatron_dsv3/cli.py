@@ -318,8 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     from megatron_dsv3.cluster.commands import add_slurm_parser
+    from megatron_dsv3.train.plot import add_plot_parser
 
     add_slurm_parser(sub)
+    add_plot_parser(sub)
 
     p = sub.add_parser("specs", help="list the spec names `--spec NAME` accepts")
     p.set_defaults(func=cmd_specs)
