@@ -33,6 +33,7 @@ def add_slurm_parser(sub) -> None:
 
 
 def cmd_slurm(ns: argparse.Namespace) -> int:
+    # lazy: every `megatron-dsv3` command builds this parser; the recipe check imports the model and torch.
     from megatron_dsv3.cluster.request import ClusterRequest, plan_cluster_job
     from megatron_dsv3.cluster.slurm import sbatch_script
 

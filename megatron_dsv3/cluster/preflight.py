@@ -15,6 +15,8 @@ import os
 import sys
 
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.recipe import check_recipe, load_recipe
+from megatron_dsv3.train.checkpoints import resume_step
 
 PREFLIGHT_DONE = 3  # the exit status meaning "the checkpoint already holds the last step"
 
@@ -52,9 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _preflight(ns) -> int:
-    from megatron_dsv3.recipe import check_recipe, load_recipe
-    from megatron_dsv3.train.checkpoints import resume_step
-
     recipe = load_recipe(ns.recipe, ns.overrides)
     cuda = not recipe.is_cpu
     visible, memory_gb = _gpus() if cuda else (None, None)
@@ -75,7 +74,7 @@ def _preflight(ns) -> int:
 
 
 def _gpus() -> tuple[int, float | None]:
-    import torch
+    import torch  # lazy: only a GPU recipe asks; the CPU check runs without initialising CUDA
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if count else None

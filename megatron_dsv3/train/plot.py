@@ -69,7 +69,7 @@ def read_run(path: str | Path) -> Run:
 
 def draw(runs: list[Run]):
     """The figure (matplotlib): three charts on top, a heat map per run below."""
-    import matplotlib
+    import matplotlib  # lazy: an optional extra (megatron-dsv3[plot])
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -112,7 +112,7 @@ def draw(runs: list[Run]):
 
 
 def _label(ax, title: str, ylabel: str, *, legend: bool = False) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: an optional extra
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, loc="left", fontsize=10)
@@ -126,13 +126,13 @@ def _label(ax, title: str, ylabel: str, *, legend: bool = False) -> None:
 def plot(paths: list[str], out: str) -> Path:
     runs = [read_run(p) for p in paths]
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  # lazy: an optional extra, named in the error below
     except ImportError as err:
         raise ConfigError("`megatron-dsv3 plot` needs matplotlib, which is not installed",
                           fix="pip install 'megatron-dsv3[plot]' (or pip install matplotlib)") from err
     fig = draw(runs)
     fig.savefig(out, dpi=110)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: an optional extra
 
     plt.close(fig)
     return Path(out)
