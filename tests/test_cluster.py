@@ -65,3 +65,40 @@ def test_the_job_names_an_allocation_other_than_its_scripts_before_training():
     assert problems[0].startswith("the job has 1 node(s) but its script is written for 2") and "Fix:" in problems[0]
     assert problems[1].startswith("this node sees 4 GPU(s) but the job runs 8 processes per node")
     assert allocation_problems({"SLURM_JOB_NUM_NODES": "2"}, 2, 1, cuda=False, visible_gpus=None) == []
+
+
+def test_the_k8s_manifest_runs_one_torchrun_per_pod_and_restarts_every_pod_from_the_checkpoint_volume(tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "job.yaml"
+    code = main(["k8s", GPU_RECIPE, "training.train_iters=5000", "checkpoint.save=/ckpt/lite", "checkpoint.load=/ckpt/lite",
+                 "--nodes", "1", "--container-image", "registry.example.com/dsv3:0.1", "--volume", "ckpt:/ckpt",
+                 "--queue", "gpus", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    manifest = yaml.safe_load(out.read_text())
+    assert manifest["kind"] == "JobSet" and manifest["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "gpus"}
+    assert manifest["spec"]["failurePolicy"]["maxRestarts"] > 0  # any pod's failure restarts every pod
+    job = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert (job["parallelism"], job["completions"], job["completionMode"]) == (1, 1, "Indexed")
+    pod = job["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert {"name": "checkpoints", "mountPath": "/ckpt"} in container["volumeMounts"]
+    script = container["command"][2]
+    assert "--nproc-per-node=8" in script and '--node-rank="$JOB_COMPLETION_INDEX"' in script
+    assert "--master-addr=deepseek-v2-lite-8gpu-node-0-0.deepseek-v2-lite-8gpu" in script
+    assert "-- --exit-signal-handler" in script and "-m megatron_dsv3.cluster.preflight" in script
+    if shutil.which("bash"):
+        assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--nodes", "1", "--volume", "ckpt:/ckpt"], "a Kubernetes job needs --container-image"),
+    (["--nodes", "1", "--container-image", "img:1"], "a Kubernetes job needs --volume"),
+    (["--nodes", "1", "--container-image", "img:1", "--volume", "ckpt:/other"], "is not on the volume mounted at /other"),
+])
+def test_k8s_refuses_a_job_that_could_not_resume_with_its_fix(argv, words, capsys):
+    code = main(["k8s", GPU_RECIPE, "checkpoint.save=/ckpt/lite", "checkpoint.load=/ckpt/lite", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Fix:" in err, err

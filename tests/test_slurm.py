@@ -77,7 +77,9 @@ def _wait_for_step(folder: Path, step: int, job_id: str, cluster, timeout: float
     while time.monotonic() < end:
         if any(r["iteration"] >= step for r in _records(folder)):
             return
-        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING", "REQUEUED"), _log(folder, job_id)[-3000:]
+        # COMPLETING and CONFIGURING come between the tries of a requeued job.
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED"), \
+            _log(folder, job_id)[-3000:]
         time.sleep(0.5)
     raise TimeoutError(f"job {job_id} did not reach step {step}")
 
