@@ -159,3 +159,47 @@ def test_the_kept_expert_load_is_the_all_reduced_count_the_bias_update_moves_the
         # Megatron's rule, unchanged: bias += rate * sign(mean - load).
         assert torch.equal(router.expert_bias, torch.tensor(0.01 * np.sign(c.mean() - c), dtype=torch.float32))
         assert metrics_changes.max_violation(load[layer]) == c.max() / c.mean() - 1
+
+
+def test_logging_and_profiling_keys_become_megatrons_own_arguments(monkeypatch, tmp_path):
+    """Parsed by Megatron's own parser (what stock pretrain_gpt.py gets from `megatron-dsv3 args`)."""
+    import os
+
+    from megatron_dsv3.args.compose import recipe_argv
+    from megatron_dsv3.args.settings import parse_megatron_args
+    from megatron_dsv3.recipe import load_recipe
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WANDB_MODE", "online")  # restored after the test; the plugin sets it below
+    recipe = load_recipe("dsv3-tiny-cpu", [
+        "training.train_iters=40", "data.source=mock", "logging.tensorboard_dir=/runs/x/tb",
+        "logging.tensorboard_log_interval=5", "logging.wandb_project=dsv3", "logging.wandb_entity=team",
+        "logging.wandb_mode=offline", "logging.timing_log_level=2", "profiling.torch_profiler=true",
+        "profiling.step_start=3", "profiling.step_end=5", "profiling.ranks=[0]", "profiling.record_shapes=true"])
+    args = parse_megatron_args(recipe_argv(recipe)[2:])
+    assert (args.tensorboard_dir, args.tensorboard_log_interval, args.timing_log_level) == ("/runs/x/tb", 5, 2)
+    assert (args.wandb_project, args.wandb_entity, args.wandb_exp_name) == ("dsv3", "team", "dsv3-tiny-cpu")
+    assert os.environ["WANDB_MODE"] == "offline"  # Megatron's wandb.init reads it
+    assert (args.profile, args.use_pytorch_profiler, args.profile_step_start, args.profile_step_end) == (True, True, 3, 5)
+    assert args.profile_ranks == [0] and args.pytorch_profiler_collect_shapes
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["profiling.torch_profiler=true"], "profiling.torch_profiler writes its trace next to logging.tensorboard_dir"),
+    (["profiling.torch_profiler=true", "logging.tensorboard_dir=tb", "profiling.step_end=10"], "is not after"),
+    (["profiling.nsys=true"], "profiling.nsys needs a GPU"),
+    (["profiling.memory_snapshot=m.pickle"], "profiling.memory_snapshot needs a GPU"),
+    (["profiling.nvtx_ranges=true"], "profiling.nsys is off"),
+    (["logging.wandb_project=p", "checkpoint.save=null", "checkpoint.load=null", "checkpoint.save_interval=null"],
+     "logging.wandb_project needs a folder"),
+    (["logging.wandb_mode=offlne"], "offline"),
+])
+def test_logging_and_profiling_keys_a_run_cannot_use_are_refused_with_the_fix(overrides, words):
+    from megatron_dsv3.args.compose import recipe_argv
+    from megatron_dsv3.errors import ConfigError
+    from megatron_dsv3.recipe import load_recipe
+
+    with pytest.raises(ConfigError) as err:
+        recipe_argv(load_recipe("dsv3-tiny-cpu", ["training.train_iters=40", *overrides]))
+    assert words in str(err.value) and "Fix:" in str(err.value)

@@ -325,14 +325,10 @@ def profiling_args(p) -> list[str]:
     argv = []
     if p.torch_profiler or p.nsys:
         argv += ["--profile", "--profile-step-start", str(p.step_start), "--profile-step-end", str(p.step_end)]
-        argv += ["--use-pytorch-profiler"] if p.torch_profiler else []
-        argv += (["--profile-ranks", *[str(r) for r in p.ranks]] if p.ranks else [])
-        argv += (["--nvtx-ranges"] if p.nvtx_ranges else [])
-        if p.record_shapes:
-            argv += ["--pytorch-profiler-collect-shapes" if p.torch_profiler else "--record-shapes"]
-    if p.memory_snapshot:
-        argv += ["--record-memory-history", "--memory-snapshot-path", p.memory_snapshot]
-    return argv
+        argv += ["--use-pytorch-profiler"] * p.torch_profiler + ["--nvtx-ranges"] * p.nvtx_ranges
+        argv += ["--profile-ranks", *map(str, p.ranks)] if p.ranks else []
+        argv += ["--pytorch-profiler-collect-shapes" if p.torch_profiler else "--record-shapes"] * p.record_shapes
+    return argv + (["--record-memory-history", "--memory-snapshot-path", p.memory_snapshot] if p.memory_snapshot else [])
 
 
 # ---- a preset and a layout as a recipe (tests, benchmarks) ----

@@ -232,7 +232,10 @@ def _check_profiling(recipe) -> None:
         raise _fail(recipe, "profiling.torch_profiler", "profiling.torch_profiler writes its trace next to"
                     " logging.tensorboard_dir, which is not set", "set logging.tensorboard_dir, e.g. to"
                     " <checkpoint.save>/tensorboard (the trace then goes to <checkpoint.save>/torch_profile)")
-    for name in ("nsys", "memory_snapshot", "nvtx_ranges"):
+    if p.nvtx_ranges and not p.nsys:
+        raise _fail(recipe, "profiling.nvtx_ranges", "profiling.nvtx_ranges marks Megatron's modules while Nsight"
+                    " Systems profiles, and profiling.nsys is off", "set profiling.nsys: true, or drop nvtx_ranges")
+    for name in ("nsys", "memory_snapshot"):
         if getattr(p, name) and recipe.is_cpu:
             raise _fail(recipe, f"profiling.{name}", f"profiling.{name} needs a GPU (hardware.device: cpu)",
                         "use profiling.torch_profiler on CPU, or run on a GPU")
