@@ -81,10 +81,12 @@ def draw(runs: list[Run]):
     for i, run in enumerate(runs):
         colour = colours[i % len(colours)]
         marker = "o" if len(run.records) <= 30 else None
-        loss.plot(*run.series("lm_loss"), color=colour, marker=marker, ms=3, label=f"{run.name}: LM loss")
+        loss.plot(*run.series("lm_loss"), color=colour, marker=marker, ms=3, lw=1.2, zorder=3,
+                  label=f"{run.name}: LM loss")
         for key in run.mtp_keys():
             depth = key[len("mtp_"):-len("_loss")]
-            loss.plot(*run.series(key), color=colour, ls="--", label=f"{run.name}: MTP loss (depth {depth})")
+            loss.plot(*run.series(key), color=colour, ls="--", lw=0.9, alpha=0.55,
+                      label=f"{run.name}: MTP loss (depth {depth})")
         speed.plot(*run.series("tokens_per_second"), color=colour, marker=marker, ms=3, label=run.name)
         lr.plot(*run.series("learning_rate"), color=colour, label=run.name)
     _label(loss, "Loss", "loss (nats per token)", legend=True)
