@@ -317,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_convert)
 
+    from megatron_dsv3.cluster.commands import add_k8s_parser, add_slurm_parser
+    from megatron_dsv3.train.plot import add_plot_parser
+
+    add_slurm_parser(sub)
+    add_k8s_parser(sub)
+    add_plot_parser(sub)
+
     p = sub.add_parser("specs", help="list the spec names `--spec NAME` accepts")
     p.set_defaults(func=cmd_specs)
 

@@ -33,6 +33,7 @@ def recipe_argv(recipe: Recipe, world_size: int | None = None) -> list[str]:
     argv += training_args(recipe.training, recipe.preset.seq_length)
     argv += data_args(recipe)
     argv += checkpoint_args(recipe.checkpoint)
+    argv += logging_args(recipe) + profiling_args(recipe.profiling)
     return argv + [str(a) for a in recipe.extra_args]
 
 
@@ -302,6 +303,32 @@ def data_args(recipe: Recipe) -> list[str]:
 def checkpoint_args(c) -> list[str]:
     argv = _opt("--save", c.save) + _opt("--save-interval", c.save_interval) + _opt("--load", c.load)
     return argv + ["--ckpt-format", c.format]
+
+
+# ---- logging ----
+def logging_args(recipe: Recipe) -> list[str]:
+    """The ``logging:`` section as Megatron's own TensorBoard, W&B and timer flags (the W&B mode,
+    which Megatron has no flag for, is the plugin's ``--dsv3-wandb-mode``)."""
+    lg = recipe.logging
+    argv = ["--timing-log-level", str(lg.timing_log_level)] if lg.timing_log_level else []
+    if lg.tensorboard_dir:
+        argv += ["--tensorboard-dir", lg.tensorboard_dir, "--tensorboard-log-interval", str(lg.tensorboard_log_interval)]
+    if lg.wandb_project:
+        argv += ["--wandb-project", lg.wandb_project, "--wandb-exp-name", lg.wandb_run_name or recipe.name]
+        argv += _opt("--wandb-entity", lg.wandb_entity) + _opt("--wandb-save-dir", lg.wandb_dir)
+        argv += ["--dsv3-wandb-mode", lg.wandb_mode]
+    return argv
+
+
+def profiling_args(p) -> list[str]:
+    """The ``profiling:`` section as Megatron's ``--profile*`` flags (its own profilers)."""
+    argv = []
+    if p.torch_profiler or p.nsys:
+        argv += ["--profile", "--profile-step-start", str(p.step_start), "--profile-step-end", str(p.step_end)]
+        argv += ["--use-pytorch-profiler"] * p.torch_profiler + ["--nvtx-ranges"] * p.nvtx_ranges
+        argv += ["--profile-ranks", *map(str, p.ranks)] if p.ranks else []
+        argv += ["--pytorch-profiler-collect-shapes" if p.torch_profiler else "--record-shapes"] * p.record_shapes
+    return argv + (["--record-memory-history", "--memory-snapshot-path", p.memory_snapshot] if p.memory_snapshot else [])
 
 
 # ---- a preset and a layout as a recipe (tests, benchmarks) ----

@@ -78,6 +78,13 @@ def add_dsv3_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         " combine interleaved (Megatron-Core's schedule plans), so one side's all-to-all hides behind the"
         " other's compute. Default: on with expert parallelism (--expert-model-parallel-size > 1).",
     )
+    group.add_argument(
+        "--dsv3-wandb-mode",
+        choices=("online", "offline", "disabled"),
+        default=None,
+        help="W&B mode for Megatron's --wandb-project writer (sets WANDB_MODE where the job runs); offline"
+        " writes the run locally, for `wandb sync`.",
+    )
     add_fp8_arguments(group)
     return parser
 

@@ -167,6 +167,15 @@ def _export_fp8_environment(settings: dict) -> None:
         os.environ.update(environment(plan.recipe))
 
 
+def _export_wandb_mode(args) -> None:
+    """Megatron's W&B writer calls ``wandb.init`` without a mode; W&B reads it from ``WANDB_MODE``."""
+    mode = getattr(args, "dsv3_wandb_mode", None)
+    if mode is not None:
+        import os
+
+        os.environ["WANDB_MODE"] = mode
+
+
 def apply_plugin_options(args: argparse.Namespace) -> argparse.Namespace:
     """Act on the plugin options right after parsing, before Megatron validates the arguments.
 
@@ -183,6 +192,7 @@ def apply_plugin_options(args: argparse.Namespace) -> argparse.Namespace:
     _check_conflicts(args, settings, requested)
     _check_schedule(args)
     _export_fp8_environment(settings)
+    _export_wandb_mode(args)
     for dest, value in settings.items():
         setattr(args, dest, value)
     if getattr(args, "pipeline_schedule", None) in DEEPSEEK_SCHEDULES:

@@ -37,6 +37,7 @@ from megatron_dsv3.parallel.megatron_layout import schedule_options_of
 from megatron_dsv3.parallel.placement import Chunk, Placement, placement_of
 from megatron_dsv3.pipeline import copies
 from megatron_dsv3.pipeline.engine import Op, global_microbatch, microbatches_per_chunk, rank_program
+from megatron_dsv3.pipeline.ranges import op_range
 
 
 @dataclass
@@ -323,11 +324,13 @@ class _Step:
             if action.kind == "op":
                 self.commit()
                 if TRACE is None:
-                    self.run_op(action.op)
+                    with op_range(str(action.op)):
+                        self.run_op(action.op)
                     continue
                 _sync()
                 start = time.perf_counter()
-                self.run_op(action.op)
+                with op_range(str(action.op)):
+                    self.run_op(action.op)
                 _sync()
                 op = action.op
                 TRACE.append((str(op), "Bz" if op.kind == "B" and op.zb and self.split else op.kind, start,

@@ -211,6 +211,34 @@ def _check_data_and_checkpoint(recipe) -> None:
         # validate_args asserts it without a message.
         raise _fail(recipe, "checkpoint.save", "checkpoint.save without checkpoint.save_interval",
                     "set checkpoint.save_interval (steps between checkpoints), e.g. to train_iters")
+    lg = recipe.logging
+    if lg.wandb_project and not (lg.wandb_dir or c.save):
+        # Megatron's W&B writer joins its default folder to --save (a TypeError without one).
+        raise _fail(recipe, "logging.wandb_project", "logging.wandb_project needs a folder for the run files:"
+                    " logging.wandb_dir, or checkpoint.save (then <save>/wandb)", "set logging.wandb_dir")
+    _check_profiling(recipe)
+
+
+def _check_profiling(recipe) -> None:
+    p = recipe.profiling
+    if p.torch_profiler and p.nsys:
+        raise _fail(recipe, "profiling.nsys", "profiling.torch_profiler and profiling.nsys together (Megatron runs"
+                    " one profiler per run)", "choose one: torch_profiler (a Chrome trace) or nsys (Nsight Systems)")
+    if (p.torch_profiler or p.nsys) and p.step_end <= p.step_start:
+        raise _fail(recipe, "profiling.step_end", f"profiling.step_end={p.step_end} is not after"
+                    f" step_start={p.step_start}", "profile at least one step: step_end > step_start")
+    if p.torch_profiler and not recipe.logging.tensorboard_dir:
+        # Megatron's trace handler writes to <tensorboard_dir>/../torch_profile.
+        raise _fail(recipe, "profiling.torch_profiler", "profiling.torch_profiler writes its trace next to"
+                    " logging.tensorboard_dir, which is not set", "set logging.tensorboard_dir, e.g. to"
+                    " <checkpoint.save>/tensorboard (the trace then goes to <checkpoint.save>/torch_profile)")
+    if p.nvtx_ranges and not p.nsys:
+        raise _fail(recipe, "profiling.nvtx_ranges", "profiling.nvtx_ranges marks Megatron's modules while Nsight"
+                    " Systems profiles, and profiling.nsys is off", "set profiling.nsys: true, or drop nvtx_ranges")
+    for name in ("nsys", "memory_snapshot"):
+        if getattr(p, name) and recipe.is_cpu:
+            raise _fail(recipe, f"profiling.{name}", f"profiling.{name} needs a GPU (hardware.device: cpu)",
+                        "use profiling.torch_profiler on CPU, or run on a GPU")
 
 
 

@@ -141,6 +141,42 @@ class CheckpointSection:
                       choices=("torch", "torch_dist", "torch_dcp", "fsdp_dtensor"))
 
 
+@dataclass
+class LoggingSection:
+    """``logging:``: Megatron's own TensorBoard and W&B writers (docs/monitoring.md); the log interval is
+    ``training.log_interval``."""
+
+    tensorboard_dir: str | None = key(None, "TensorBoard event folder (--tensorboard-dir); null = no TensorBoard")
+    tensorboard_log_interval: int = key(1, "steps between TensorBoard scalars (--tensorboard-log-interval)")
+    wandb_project: str | None = key(None, "W&B project (--wandb-project); null = no W&B")
+    wandb_entity: str | None = key(None, "W&B entity, a team or user (--wandb-entity)")
+    wandb_run_name: str | None = key(None, "W&B run name (--wandb-exp-name); null = the recipe's name")
+    wandb_mode: str = key("online", "W&B mode where the job runs (--dsv3-wandb-mode sets WANDB_MODE); offline"
+                          " writes the run locally, for `wandb sync`", choices=("online", "offline", "disabled"))
+    wandb_dir: str | None = key(None, "folder of the W&B run files (--wandb-save-dir); null = <checkpoint.save>/wandb")
+    timing_log_level: int = key(0, "Megatron's timers: 0 step time only, 1 forward/backward/optimizer,"
+                                " 2 everything (--timing-log-level)", choices=(0, 1, 2))
+
+
+@dataclass
+class ProfilingSection:
+    """``profiling:``: Megatron's own profilers over steps ``step_start``..``step_end`` (docs/monitoring.md).
+    Every DualPipe / DualPipeV operation is a named range in both (``F0.3``, ``B1.2``, ``W1.2``,
+    ``F0.4&B1.1``, as ``megatron-dsv3 schedule --order`` prints them)."""
+
+    torch_profiler: bool = key(False, "PyTorch profiler (--profile --use-pytorch-profiler); the Chrome trace goes to"
+                               " <logging.tensorboard_dir>/../torch_profile/rank-N.json.gz")
+    nsys: bool = key(False, "Nsight Systems capture range (--profile: cudaProfilerStart/Stop, NVTX); run under"
+                     " `nsys profile --capture-range=cudaProfilerApi`; GPU only")
+    step_start: int = key(10, "first profiled step (--profile-step-start)")
+    step_end: int = key(12, "step at which profiling stops (--profile-step-end)")
+    ranks: list[int] = key(doc="global ranks to profile (--profile-ranks); empty = every rank", factory=list)
+    record_shapes: bool = key(False, "record tensor shapes (--pytorch-profiler-collect-shapes / --record-shapes)")
+    memory_snapshot: str | None = key(None, "CUDA memory snapshot file, rewritten every log interval"
+                                      " (--record-memory-history --memory-snapshot-path); GPU only")
+    nvtx_ranges: bool = key(False, "Megatron's NVTX ranges inside its modules while profiling (--nvtx-ranges)")
+
+
 # ---- FP8 (megatron_dsv3.fp8, docs/fp8.md) ----
 @dataclass
 class FP8Section:
@@ -192,6 +228,9 @@ class Recipe:
     data: DataSection = key(doc="training data", factory=DataSection)
     checkpoint: CheckpointSection = key(doc="checkpointing", factory=CheckpointSection)
     fp8: FP8Section = key(doc="block-wise FP8 training (docs/fp8.md); absent = BF16", factory=FP8Section)
+    logging: LoggingSection = key(doc="TensorBoard and W&B (docs/monitoring.md)", factory=LoggingSection)
+    profiling: ProfilingSection = key(doc="profilers and memory snapshots (docs/monitoring.md)",
+                                      factory=ProfilingSection)
     # YAML `megatron_args:`; the attribute is `extra_args` because `megatron_args()` is the method.
     extra_args: list[str] = key(doc="raw extra Megatron-LM arguments, appended last", factory=list,
                                 yaml="megatron_args")
@@ -257,6 +296,8 @@ _SECTION_FIELDS = {
     "checkpoint": {f.name for f in dataclasses.fields(CheckpointSection)},
     "hardware": {f.name for f in dataclasses.fields(HardwareSection)},
     "fp8": {f.name for f in dataclasses.fields(FP8Section)},
+    "logging": {f.name for f in dataclasses.fields(LoggingSection)},
+    "profiling": {f.name for f in dataclasses.fields(ProfilingSection)},
 }
 
 

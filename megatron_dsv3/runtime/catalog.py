@@ -7,20 +7,20 @@ import only the registry; this module imports the definitions.  ``megatron-dsv3 
 
 from __future__ import annotations
 
-from megatron_dsv3.runtime import cpu_changes, launch_changes, model_changes, train_changes
+from megatron_dsv3.runtime import cpu_changes, launch_changes, metrics_changes, model_changes, train_changes
 from megatron_dsv3.runtime.registry import MegatronChange, apply_changes, changes_in, revert_changes
 
 # The modules defining each group, in the order the groups are documented.
 GROUPS = {
-    "launch": launch_changes,
-    "model": model_changes,
-    "cpu": cpu_changes,
-    "train": train_changes,
+    "launch": (launch_changes,),
+    "model": (model_changes,),
+    "cpu": (cpu_changes,),
+    "train": (train_changes, metrics_changes),
 }
 
 
 def group_changes(group: str) -> list[MegatronChange]:
-    changes = changes_in(GROUPS[group])
+    changes = [c for module in GROUPS[group] for c in changes_in(module)]
     for change in changes:
         change.group = group
     return changes

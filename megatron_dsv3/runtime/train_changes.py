@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+from megatron_dsv3.runtime.metrics_changes import step_record
 from megatron_dsv3.runtime.registry import megatron_change, original, replace
 
 METRICS_ENV = "MEGATRON_DSV3_METRICS"
@@ -18,13 +19,14 @@ class _Progress:
         self.last_time: float | None = None
         self.avg_step: float | None = None
 
-    def step(self, iteration: int, loss_dict: dict, grad_norm) -> None:
+    def step(self, iteration: int, loss_dict: dict, grad_norm, learning_rate=None) -> None:
         from megatron.training import get_args
 
         from megatron_dsv3.train.steps import reports_loss
 
         now = time.perf_counter()
         elapsed, self.last_time = (None if self.last_time is None else now - self.last_time), now
+        figures = step_record(learning_rate)  # on every rank: collective over the pipeline
         if not reports_loss():
             return
         from megatron.core.num_microbatches_calculator import get_current_global_batch_size
@@ -54,6 +56,7 @@ class _Progress:
                 "step_seconds": elapsed,
                 "tokens_per_second": tokens_per_s,
                 "time": time.time(),
+                **figures,
             }
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -78,7 +81,9 @@ def training_log_reports_progress():
     or time remaining.  After Megatron's ``training_log`` runs, the rank that holds the loss (the
     placement's loss rank; data-, tensor- and context-parallel rank 0) prints ``[megatron-dsv3]
     step i/N | loss x | t tokens/s | ETA`` and, when ``MEGATRON_DSV3_METRICS`` names a file,
-    appends the same figures to it as a JSON line.  Only
+    appends the same figures to it as a JSON line, with the learning rate and the step's figures
+    :mod:`megatron_dsv3.runtime.metrics_changes` keeps (MTP and load-balancing losses, the
+    experts' load spread per MoE layer).  Only
     ``megatron-dsv3 train`` applies this change; stock ``pretrain_gpt.py`` runs are untouched.
     """
     training_log = original("megatron.training.training.training_log")
@@ -92,7 +97,7 @@ def training_log_reports_progress():
             loss_dict, total_loss_dict, learning_rate, iteration, loss_scale, report_memory_flag,
             skipped_iter, grad_norm, *args, **kwargs,
         )
-        progress.step(iteration, loss_dict, grad_norm)
+        progress.step(iteration, loss_dict, grad_norm, learning_rate)
         return result
 
     replace("megatron.training.training.training_log", training_log_with_progress)

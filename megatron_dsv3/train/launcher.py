@@ -121,10 +121,9 @@ def run(train_plan: TrainPlan, *, verbose: bool = False) -> int:
 
 def _run_locked(p: TrainPlan, verbose: bool) -> int:
     log_path, metrics_path = p.run_dir / "train.log", p.run_dir / "metrics.jsonl"
-    env = dict(os.environ, MEGATRON_DSV3_METRICS=str(metrics_path.resolve()))
-    env.setdefault("TORCHDYNAMO_DISABLE", "1")
-    if p.recipe.is_cpu:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU mode stays off where a GPU is visible
+    env = dict(os.environ)
+    for name, value in worker_environment(p.recipe, str(metrics_path.resolve())).items():
+        env[name] = env.get(name, value) if name == "TORCHDYNAMO_DISABLE" else value
     if p.nproc == 1:  # what torchrun would set for one process
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -152,6 +151,16 @@ def _run_locked(p: TrainPlan, verbose: bool) -> int:
         return code
     _summary(p, metrics_path, since=started)
     return 0
+
+
+def worker_environment(recipe, metrics_path: str) -> dict[str, str]:
+    """What the workers' environment adds (here, and in a cluster job's script): the metrics file,
+    no TorchDynamo (``TORCHDYNAMO_DISABLE``, which a user's own setting overrides), and no GPU for
+    a CPU recipe, so CPU mode stays on where a GPU is visible."""
+    env = {"MEGATRON_DSV3_METRICS": metrics_path, "TORCHDYNAMO_DISABLE": "1"}
+    if recipe.is_cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
 
 def _first_traceback(log: str, context: int = 40) -> str:
