@@ -23,7 +23,7 @@ from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.backends import resolve_backend
 from megatron_dsv3.model.options import attach_options
 from megatron_dsv3.parallel.megatron_layout import ScheduleOptions, megatron_layout
-from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, Placement, place
+from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, Placement, place, placement_of
 from megatron_dsv3.parallel.schedule_rules import FLAG_NAMES, check_schedule
 
 # Megatron argument (dest) -> value, per decision.
@@ -270,6 +270,23 @@ def attach_placement(config, args: argparse.Namespace):
                           layout=getattr(args, "dsv3_pipeline_layout", None), schedule=schedule)
         config.pipeline_model_parallel_layout = megatron_layout(placement, schedule_options(args))
     return config
+
+
+@functools.cache
+def running_job_placement() -> Placement:
+    """The placement of the model the running job trains (from the arguments Megatron parsed)."""
+    from megatron.training import get_args
+
+    return placement_of(transformer_config(get_args()))
+
+
+def reports_loss() -> bool:
+    """Whether this process prints the step's loss (:meth:`Placement.reports_loss` on its ranks)."""
+    from megatron.core import parallel_state
+
+    return running_job_placement().reports_loss(
+        parallel_state.get_pipeline_model_parallel_rank(), tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        cp_rank=parallel_state.get_context_parallel_rank(), dp_rank=parallel_state.get_data_parallel_rank())
 
 
 def transformer_config(args: argparse.Namespace):

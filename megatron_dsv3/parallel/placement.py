@@ -113,6 +113,11 @@ class Placement:
         rank; DeepSeek's schedules send their loss reports there."""
         return self.pp - 1
 
+    def reports_loss(self, pp_rank: int, *, tp_rank: int = 0, cp_rank: int = 0, dp_rank: int = 0) -> bool:
+        """Whether a process prints the step's loss: rank 0 of tensor, context and data parallelism
+        on the :attr:`report_rank`."""
+        return pp_rank == self.report_rank and tp_rank == cp_rank == dp_rank == 0
+
     @property
     def mtp_ranks(self) -> tuple[int, ...]:
         return tuple(sorted({c.pp_rank for c in self.chunks() if c.mtp}))

@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+from megatron_dsv3.args.settings import reports_loss
 from megatron_dsv3.runtime.metrics_changes import step_record
 from megatron_dsv3.runtime.registry import megatron_change, original, replace
 
@@ -21,8 +22,6 @@ class _Progress:
 
     def step(self, iteration: int, loss_dict: dict, grad_norm, learning_rate=None) -> None:
         from megatron.training import get_args
-
-        from megatron_dsv3.train.steps import reports_loss
 
         now = time.perf_counter()
         elapsed, self.last_time = (None if self.last_time is None else now - self.last_time), now

@@ -9,43 +9,20 @@ with the loss labels and loss mask, and the chunk holding Multi-Token Prediction
 
 from __future__ import annotations
 
-import functools
 from functools import partial
 
 import torch
 
+from megatron_dsv3.args.settings import running_job_placement
+
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
-
-
-@functools.cache
-def _placement():
-    """The placement of this job's model (from the arguments ``pretrain`` parsed)."""
-    from megatron.training import get_args
-
-    from megatron_dsv3.args.settings import transformer_config
-    from megatron_dsv3.parallel.placement import placement_of
-
-    return placement_of(transformer_config(get_args()))
 
 
 def _needs_batch(vp_stage) -> tuple[bool, bool]:
     """(needs tokens, needs labels) for this rank's chunk ``vp_stage``."""
     from megatron.core import parallel_state
 
-    return _placement().needs_batch(parallel_state.get_pipeline_model_parallel_rank(), vp_stage)
-
-
-def reports_loss() -> bool:
-    """Whether this process prints the step's loss: tensor-, context- and data-parallel rank 0 of
-    the pipeline rank where Megatron's loop reduces it (the placement's ``report_rank``)."""
-    from megatron.core import parallel_state
-
-    return (
-        parallel_state.get_pipeline_model_parallel_rank() == _placement().report_rank
-        and parallel_state.get_tensor_model_parallel_rank() == 0
-        and parallel_state.get_context_parallel_rank() == 0
-        and parallel_state.get_data_parallel_rank() == 0
-    )
+    return running_job_placement().needs_batch(parallel_state.get_pipeline_model_parallel_rank(), vp_stage)
 
 
 def get_batch(data_iterator, vp_stage=None) -> dict | None:
@@ -150,4 +127,4 @@ def embedding_ranks(pp_ranks: list[int]) -> list[int]:
     from megatron.training import get_args
 
     tied = not get_args().untie_embeddings_and_output_weights
-    return [pp_ranks[r] for r in _placement().embedding_group(tied=tied)]
+    return [pp_ranks[r] for r in running_job_placement().embedding_group(tied=tied)]
