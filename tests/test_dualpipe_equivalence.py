@@ -170,8 +170,8 @@ def test_overlapped_step_runs_dispatch_and_combine_on_megatrons_comm_stream(mega
         monkeypatch.setattr(MoELayer, name, lambda self, *a, _m=method, **k: (
             streams.append(torch.cuda.current_stream()), _m(self, *a, **k))[1])
 
-    step = SimpleNamespace(
-        chunks=[SimpleNamespace(chunk=SimpleNamespace(vp_stage=0))], model=chunks, config=config,
+    step = SimpleNamespace(  # the parts of a RankStep the overlapped step reads
+        vp=lambda c: 0, model=chunks, config=config,
         forward_step_func=parallel._forward_step, iterators=[iter(parallel._microbatches(tokens, 1))],
         num_microbatches=1, first_microbatch=lambda c: True, global_mb=lambda c, m: m,
     )

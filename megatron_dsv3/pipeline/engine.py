@@ -38,7 +38,6 @@ from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
 from megatron_dsv3.parallel.schedule_rules import check_microbatches
 
 
-
 @dataclass(frozen=True)
 class Op:
     """One compute operation: ``F`` (forward), ``B`` (backward; ``zb``: input gradient only),

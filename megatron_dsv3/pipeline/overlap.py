@@ -25,6 +25,11 @@ CPU mode's streams keep CUDA's contract, so the CPU tests see which stream each 
 
 from __future__ import annotations
 
+from megatron.core.pipeline_parallel.combined_1f1b import combined_forward_backward_step
+from megatron.core.pipeline_parallel.utils import set_streams
+
+from megatron_dsv3.pipeline.rank_step import RankStep
+
 
 class _PlanningModel:
     """A model chunk whose call builds its schedule plan (``build_schedule_plan``) instead of running."""
@@ -48,20 +53,17 @@ def planning(forward_step_func):
     return plan_step
 
 
-def combined_step(step, forward: tuple | None, backward: tuple | None):
+def combined_step(step: RankStep, forward: tuple | None, backward: tuple | None):
     """Run ``forward = (chunk, mb, input)`` and/or ``backward = (chunk, input, output, output_grad)``
     (engine chunk numbers) through Megatron's overlapped step; ``(output, num_tokens, store, input_grad)``."""
-    from megatron.core.pipeline_parallel.combined_1f1b import combined_forward_backward_step
-    from megatron.core.pipeline_parallel.utils import set_streams
-
     # As Megatron's own overlapped schedules do first: the dispatch and combine nodes run on the
     # stream ``get_comm_stream()`` returns, None until this makes it (once per process).
     set_streams(high_priority=step.config.high_priority_a2a_comm_stream)
     store: list = []
     f_chunk, f_mb, f_input = forward if forward else (None, None, None)
     b_chunk, b_input, b_output, b_output_grad = backward if backward else (None, None, None, None)
-    f_vp = step.chunks[f_chunk].chunk.vp_stage if forward else None
-    b_vp = step.chunks[b_chunk].chunk.vp_stage if backward else None
+    f_vp = step.vp(f_chunk) if forward else None
+    b_vp = step.vp(b_chunk) if backward else None
     output, num_tokens, input_grad = combined_forward_backward_step(
         planning(step.forward_step_func),
         step.iterators[f_vp] if forward else None,
