@@ -83,10 +83,10 @@ def cmd_args(ns: argparse.Namespace) -> int:
 
 
 def cmd_check(ns: argparse.Namespace) -> int:
-    from megatron_dsv3.recipe import check_recipe, load_recipe
+    from megatron_dsv3.recipe import recipe_report, load_recipe
 
     try:
-        report = check_recipe(load_recipe(ns.recipe, ns.overrides), ns.world_size, ns.gpu_memory_gb)
+        report = recipe_report(load_recipe(ns.recipe, ns.overrides), ns.world_size, ns.gpu_memory_gb)
     except ConfigError as err:
         print(f"megatron-dsv3: error: {err}", file=sys.stderr)
         return 1

@@ -249,9 +249,9 @@ def test_schedule_errors_name_the_problem():
 
 # ---- where users set them: recipes and Megatron's arguments ----
 def _check(*overrides: str):
-    from megatron_dsv3.recipe import check_recipe, load_recipe
+    from megatron_dsv3.recipe import recipe_report, load_recipe
 
-    return check_recipe(load_recipe("dsv3-tiny-cpu", list(overrides)))
+    return recipe_report(load_recipe("dsv3-tiny-cpu", list(overrides)))
 
 
 @pytest.mark.parametrize("overrides,words", [
@@ -283,9 +283,9 @@ def test_recipe_check_prints_the_resolved_options_and_why():
 @pytest.mark.parametrize("overrides", [[], ["parallel.fb_overlap=null"]], ids=["as shipped", "default"])
 def test_the_h800_recipe_keeps_its_moe_recompute_and_its_estimate(overrides):
     """Its 79.6-of-80-GiB estimate counts the `moe` recompute; the overlap that would skip it is off."""
-    from megatron_dsv3.recipe import check_recipe, load_recipe
+    from megatron_dsv3.recipe import recipe_report, load_recipe
 
-    report = check_recipe(load_recipe("deepseek-v3-671b-h800-2048", overrides))
+    report = recipe_report(load_recipe("deepseek-v3-671b-h800-2048", overrides))
     text = report.render()
     assert report.ok and "moe" in report.recipe.training.recompute.modules, text
     assert "F&B overlap off (" in text and report.memory.total < 80

@@ -13,7 +13,7 @@ import torch
 
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.fp8.recipes import ALWAYS_BF16, named_recipe
-from megatron_dsv3.recipe import check_recipe, loads_recipe
+from megatron_dsv3.recipe import recipe_report, loads_recipe
 
 
 def test_the_deepseek_recipe_is_the_papers():
@@ -114,7 +114,7 @@ def _without_transformer_engine(monkeypatch):
 def test_check_refuses_what_the_gpu_backend_or_layout_cannot_run(fp8, sections, key, reason, fix, monkeypatch):
     _without_transformer_engine(monkeypatch)
     recipe = _recipe(GPU, fp8, sections)
-    report = check_recipe(recipe)
+    report = recipe_report(recipe)
     assert not report.ok
     text = str(report.error)
     assert text.startswith(("mine.yaml:", "override '")) and reason in text and "Fix: " in text and fix in text.split("Fix:")[1]
@@ -130,15 +130,15 @@ def test_check_accepts_the_fixed_recipes(monkeypatch):
                           ("{recipe: deepseek, bf16_first_layers: 2, bf16_last_layers: 2}", pp2),
                           ("{recipe: deepseek, backend: pytorch, moments: fp32, bf16_first_layers: 3}",
                            ["backend=local"] + pp2)]:
-        assert check_recipe(_recipe(GPU, fp8, sections)).error is None, (fp8, sections)
+        assert recipe_report(_recipe(GPU, fp8, sections)).error is None, (fp8, sections)
     cpu = _recipe(CPU, "{recipe: deepseek, moments: fp32, bf16_modules: [shared_experts, mtp]}")
-    assert check_recipe(cpu).error is None
+    assert recipe_report(cpu).error is None
 
 
 def test_cpu_recipes_are_refused_the_gpu_backends_and_bf16_moments():
-    report = check_recipe(_recipe(CPU, "{recipe: deepseek}"))
+    report = recipe_report(_recipe(CPU, "{recipe: deepseek}"))
     assert "fp8.moments=bf16" in str(report.error) and "hardware.device is cpu" in str(report.error)
-    report = check_recipe(_recipe(CPU, "{recipe: deepseek, moments: fp32, backend: pytorch}"))
+    report = recipe_report(_recipe(CPU, "{recipe: deepseek, moments: fp32, backend: pytorch}"))
     assert "needs a GPU" in str(report.error)
 
 

@@ -20,7 +20,7 @@ from megatron_dsv3.model.accounting import count
 from megatron_dsv3.parallel import placement_for
 from megatron_dsv3.pipeline.in_flight import megatron_in_flight as in_flight
 from megatron_dsv3.recipe import (
-    check_recipe,
+    recipe_report,
     estimate_memory,
     load_recipe,
     loads_recipe,
@@ -103,7 +103,7 @@ def test_shipped_recipe_validates_at_its_own_world_size(name):
     recipe = load_recipe(name)
     layout = validate_recipe(recipe)
     assert layout.world_size == recipe.parallel.world_size
-    report = check_recipe(recipe)
+    report = recipe_report(recipe)
     assert report.ok, report.render()
 
 
@@ -111,7 +111,7 @@ def test_tiny_cpu_recipe_also_validates_with_two_processes():
     recipe = load_recipe("dsv3-tiny-cpu")
     layout = validate_recipe(recipe, world_size=2)
     assert (layout.dp, layout.ep) == (2, 1)
-    assert check_recipe(recipe, world_size=2).ok
+    assert recipe_report(recipe, world_size=2).ok
 
 
 @pytest.mark.parametrize("name", ["deepseek-v3-671b-h800-2048", "deepseek-v3-671b-h100-1024"])
@@ -119,8 +119,8 @@ def test_671b_recipes_are_estimated_to_fit_80_gb(name):
     recipe = load_recipe(name)
     memory = estimate_memory(recipe)
     assert recipe.hardware.gpu_memory_gb == 80
-    assert memory.total <= 80, check_recipe(recipe).render()
-    assert check_recipe(recipe, gpu_memory_gb=80).fits
+    assert memory.total <= 80, recipe_report(recipe).render()
+    assert recipe_report(recipe, gpu_memory_gb=80).fits
 
 
 def test_h800_recipe_uses_the_papers_parallelism_and_hyper_parameters():
@@ -163,7 +163,7 @@ def test_h100_layout_gives_four_virtual_stages_per_rank():
 
 def test_check_report_shows_stages_experts_batch_sizes_and_a_memory_verdict():
     r = load_recipe("deepseek-v3-671b-h800-2048")
-    text = check_recipe(r).render()
+    text = recipe_report(r).render()
     assert "256 routed experts / EP 64 = 4 per EP rank" in text and "spans 8 nodes" in text
     assert "expert-DP = world / (PP x EP x ETP) = 2" in text and "DP x CP = 128" in text
     assert "micro-batch 1 x DP 128 x 120 micro-batches per step" in text and "32 -> 120" in text
@@ -173,7 +173,7 @@ def test_check_report_shows_stages_experts_batch_sizes_and_a_memory_verdict():
 
 
 def test_check_says_does_not_fit_on_a_smaller_gpu_and_is_not_ok():
-    report = check_recipe(load_recipe("deepseek-v3-671b-h800-2048"), gpu_memory_gb=40)
+    report = recipe_report(load_recipe("deepseek-v3-671b-h800-2048"), gpu_memory_gb=40)
     assert report.fits is False and not report.ok and report.error is None
     assert "DOES NOT FIT" in report.render()
 
@@ -333,7 +333,7 @@ def test_ep_not_dividing_the_experts_is_an_error_at_the_ep_line(tmp_path):
 
 def test_pp_not_dividing_the_layers_is_an_error_at_the_pp_line(tmp_path):
     path = write(tmp_path, TINY.replace("world_size: 1", "world_size: 3").replace("pp: 1", "pp: 3"))
-    report = check_recipe(load_recipe(path))
+    report = recipe_report(load_recipe(path))
     assert not report.ok
     text = str(report.error)
     assert f"{path}:{line_of(path, 'pp: 3')}:" in text and "parallel.pp" in text

@@ -22,8 +22,9 @@ import sys
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.backends import resolve_backend
 from megatron_dsv3.model.options import attach_options
+from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
 from megatron_dsv3.parallel.megatron_layout import ScheduleOptions, megatron_layout
-from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, Placement, place, placement_of
+from megatron_dsv3.parallel.placement import Placement, place, placement_of
 from megatron_dsv3.parallel.schedule_rules import FLAG_NAMES, check_schedule
 
 # Megatron argument (dest) -> value, per decision.
@@ -98,7 +99,7 @@ def fp8_plan(args: argparse.Namespace, backend: str):
     from megatron_dsv3.args.options import FP8_OVERRIDES, option_flag
     from megatron_dsv3.fp8.plan import FP8Plan
     from megatron_dsv3.fp8.recipes import named_recipe
-    from megatron_dsv3.fp8.support import refusals, resolve_backend
+    from megatron_dsv3.fp8.support import refusals, resolve_fp8_backend
     from megatron_dsv3.model.backends import transformer_engine_status
 
     name = getattr(args, "dsv3_fp8", None)
@@ -113,7 +114,7 @@ def fp8_plan(args: argparse.Namespace, backend: str):
 
     on_cpu = bool(getattr(args, "dsv3_cpu", False))  # Megatron runs on GPUs unless in CPU mode
     recipe = named_recipe(name).with_overrides(**{FP8_OVERRIDES[d]: v for d, v in given.items()})
-    fp8_backend = resolve_backend(getattr(args, "dsv3_fp8_backend", "auto"), model_backend=backend, on_cpu=on_cpu)
+    fp8_backend = resolve_fp8_backend(getattr(args, "dsv3_fp8_backend", "auto"), model_backend=backend, on_cpu=on_cpu)
     capability = None if on_cpu or not torch.cuda.is_available() else torch.cuda.get_device_capability()
     te = transformer_engine_status()
     found = refusals(recipe, fp8_backend, model_backend=backend, device="cpu" if on_cpu else "cuda",

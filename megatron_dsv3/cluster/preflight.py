@@ -15,7 +15,7 @@ import os
 import sys
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.recipe import check_recipe, load_recipe
+from megatron_dsv3.recipe import recipe_report, load_recipe
 from megatron_dsv3.train.checkpoints import resume_step
 
 PREFLIGHT_DONE = 3  # the exit status meaning "the checkpoint already holds the last step"
@@ -63,7 +63,7 @@ def _preflight(ns) -> int:
           f" = world size {world}" + (f"; this node: {visible} GPU(s) of {memory_gb:.1f} GiB" if cuda else ""))
     for problem in problems:
         print(f"megatron-dsv3: error: {problem}", file=sys.stderr)
-    report = check_recipe(recipe, world, memory_gb)
+    report = recipe_report(recipe, world, memory_gb)
     print(report.render(), flush=True)
     if problems or not report.ok:
         return 1

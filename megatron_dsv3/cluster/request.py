@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.recipe import check_recipe, load_recipe
+from megatron_dsv3.recipe import recipe_report, load_recipe
 from megatron_dsv3.recipe.schema import Recipe
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -82,7 +82,7 @@ def plan_cluster_job(recipe_ref: str, overrides: list[str], request: ClusterRequ
              f" {recipe.parallel.world_size}") + f", or add the override parallel.world_size={world}"
             " (the layout is checked again at that size)")
     _check_resumable(recipe)
-    report = check_recipe(recipe, world)
+    report = recipe_report(recipe, world)
     if report.error is not None:
         raise report.error
     if not report.ok:

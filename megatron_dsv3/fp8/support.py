@@ -3,7 +3,7 @@
 :func:`refusals` lists why a recipe cannot run on a backend / GPU / layout, each with its fix; the
 recipe check (``megatron-dsv3 check``) and the argument settings on the training machine both call
 it, so a recipe is refused for the same reasons before the job and when it starts, and never
-silently replaced by another.  :func:`resolve_backend` turns ``auto`` into a backend where the job runs.
+silently replaced by another.  :func:`resolve_fp8_backend` turns ``auto`` into a backend where the job runs.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def _te_rules(recipe: FP8Recipe, capability, tp: int) -> list[Refusal]:
     return found
 
 
-def resolve_backend(requested: str, *, model_backend: str, on_cpu: bool) -> str:
+def resolve_fp8_backend(requested: str, *, model_backend: str, on_cpu: bool) -> str:
     """``auto``: Transformer Engine's FP8 with the TE model backend, else ``pytorch`` on a GPU and
     ``emulated`` on CPU; anything else is returned as asked (and checked by :func:`refusals`)."""
     if requested not in FP8_BACKENDS:

@@ -28,7 +28,8 @@ from megatron_dsv3.model.wgrad import (
     DeferrableDuplicatedLinear,
     DeferrableRowParallelLinear,
 )
-from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, placement_of
+from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
+from megatron_dsv3.parallel.placement import placement_of
 
 
 class DSV3LocalSpecProvider(LocalSpecProvider):

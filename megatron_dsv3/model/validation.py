@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.presets import ModelPreset
-from megatron_dsv3.parallel.layout import ParallelLayout
-from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, default_schedule, place
+from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES, ParallelLayout
+from megatron_dsv3.parallel.placement import default_schedule, place
 from megatron_dsv3.parallel.schedule_rules import check_schedule
 
 # Megatron's MLATransformerConfig has no command-line flags for these YaRN fields; its defaults

@@ -41,8 +41,7 @@ from megatron_dsv3.parallel.megatron_placements import (
     megatron_layout_object,
 )
 
-__all__ = ["Chunk", "Placement", "place", "placement_for", "placement_of", "default_schedule",
-           "MEGATRON_SCHEDULES", "DEEPSEEK_SCHEDULES"]
+__all__ = ["Chunk", "Placement", "place", "placement_for", "placement_of", "default_schedule"]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ FACTS.md ("activations per rank: PP+1") counts the same thing in stage-sized uni
 
 from __future__ import annotations
 
-from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, Placement
+from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
+from megatron_dsv3.parallel.placement import Placement
 from megatron_dsv3.pipeline.engine import rank_ops
 
 

@@ -2,7 +2,7 @@
 
 * :func:`load_recipe` reads a YAML file or a shipped recipe by name (:func:`shipped_recipes`);
 * :func:`megatron_dsv3.args.compose.recipe_argv` gives the argument list for stock ``pretrain_gpt.py``;
-* :func:`check_recipe` validates a recipe at a world size and estimates its memory per GPU
+* :func:`recipe_report` validates a recipe at a world size and estimates its memory per GPU
   (:func:`estimate_memory`).
 
 The schema, the key-to-flag mapping and the memory model are documented in ``docs/recipes.md``.
@@ -11,7 +11,7 @@ The schema, the key-to-flag mapping and the memory model are documented in ``doc
 from megatron_dsv3.recipe.check import validate_recipe
 from megatron_dsv3.recipe.loader import load_recipe, loads_recipe, shipped_recipes
 from megatron_dsv3.recipe.memory import MemoryEstimate, estimate_memory
-from megatron_dsv3.recipe.report import CheckReport, check_recipe
+from megatron_dsv3.recipe.report import CheckReport, recipe_report
 from megatron_dsv3.recipe.schema import Recipe
 from megatron_dsv3.recipe.sizes import parallel_layout
 
@@ -19,7 +19,7 @@ __all__ = [
     "CheckReport",
     "MemoryEstimate",
     "Recipe",
-    "check_recipe",
+    "recipe_report",
     "estimate_memory",
     "load_recipe",
     "loads_recipe",

@@ -9,7 +9,7 @@ pipeline schedule and placement) and the recipe-level rules below, each raising 
 from __future__ import annotations
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.fp8.support import gpu_capability, refusals, resolve_backend
+from megatron_dsv3.fp8.support import gpu_capability, refusals, resolve_fp8_backend
 from megatron_dsv3.model.backends import planned_backend, transformer_engine_status
 from megatron_dsv3.model.validation import validate
 from megatron_dsv3.parallel.layout import ParallelLayout
@@ -260,7 +260,7 @@ def _check_fp8(recipe, layout: ParallelLayout) -> None:
     model_backend = planned_backend(recipe.backend, recipe.is_cpu)
     if recipe.backend == "auto" and section.backend in ("auto", "transformer_engine") and not recipe.is_cpu:
         model_backend = "transformer_engine"  # auto on a GPU: checked as the backend FP8 would run on
-    backend = resolve_backend(section.backend, model_backend=model_backend, on_cpu=recipe.is_cpu)
+    backend = resolve_fp8_backend(section.backend, model_backend=model_backend, on_cpu=recipe.is_cpu)
     # Transformer Engine comes with its model backend; without it, only if it imports on this machine.
     te = None if model_backend == "transformer_engine" else transformer_engine_status()
     found = refusals(fp8, backend, model_backend=model_backend, device=recipe.hardware.device,

@@ -1,6 +1,6 @@
 """``megatron-dsv3 check``: a recipe validated at a world size, its memory estimate, and the report text.
 
-:func:`check_recipe` never raises for a bad recipe: it collects the error and the memory estimate
+:func:`recipe_report` never raises for a bad recipe: it collects the error and the memory estimate
 into a :class:`CheckReport`, whose ``render()`` is the printed report (layout, experts, batch,
 pipeline stages and memory).
 """
@@ -37,7 +37,7 @@ def _table(rows: list[tuple], indent: str = "  ") -> list[str]:
 
 @dataclass
 class CheckReport:
-    """The outcome of :func:`check_recipe`; ``render()`` is what ``megatron-dsv3 check`` prints."""
+    """The outcome of :func:`recipe_report`; ``render()`` is what ``megatron-dsv3 check`` prints."""
 
     recipe: object
     world_size: int
@@ -62,7 +62,7 @@ class CheckReport:
         return render_report(self)
 
 
-def check_recipe(recipe, world_size: int | None = None, gpu_memory_gb: float | None = None) -> CheckReport:
+def recipe_report(recipe, world_size: int | None = None, gpu_memory_gb: float | None = None) -> CheckReport:
     """Validate ``recipe`` at ``world_size`` and estimate its memory against ``gpu_memory_gb``
     (default: the recipe's ``hardware.gpu_memory_gb``)."""
     ws = recipe.world_size(world_size)

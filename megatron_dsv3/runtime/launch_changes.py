@@ -11,7 +11,8 @@ import sys
 from megatron_dsv3.args.options import add_dsv3_arguments
 from megatron_dsv3.args.settings import apply_plugin_options, attach_model_options, attach_placement
 from megatron_dsv3.model.spec_names import is_dsv3_spec, is_dsv3_spec_object, resolve_spec
-from megatron_dsv3.parallel.placement import DEEPSEEK_SCHEDULES, placement_of
+from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
+from megatron_dsv3.parallel.placement import placement_of
 from megatron_dsv3.runtime.cpu_mode import enable_cpu_mode
 from megatron_dsv3.runtime.registry import megatron_change, original, replace
 
