@@ -238,15 +238,17 @@ def _fp8_model(monkeypatch, extra):
     return model, fp8_linears(model)
 
 
-def test_every_linear_of_the_spec_runs_in_fp8_and_the_always_bf16_modules_do_not(megatron_single_process, monkeypatch):
+@pytest.mark.parametrize("experts", ["sequential", "grouped"])
+def test_every_linear_of_the_spec_runs_in_fp8_and_the_always_bf16_modules_do_not(megatron_single_process, monkeypatch,
+                                                                                  experts):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
-    model, linears = _fp8_model(monkeypatch, [])
-    assert all(linears.values()) and len(linears) > 100
+    model, linears = _fp8_model(monkeypatch, ["--dsv3-experts", experts])
+    assert all(linears.values()) and len(linears) > (100 if experts == "sequential" else 40)
     names = " ".join(linears)
+    routed = "experts.local_experts.0.linear_fc1" if experts == "sequential" else "mlp.experts.linear_fc1"
     for part in ("linear_q_down_proj", "linear_kv_down_proj", "linear_q_up_proj", "linear_kv_up_proj", "linear_proj",
-                 "mlp.linear_fc1", "experts.local_experts.0.linear_fc1", "shared_experts.linear_fc2",
-                 "mtp.layers.0.eh_proj"):
+                 "mlp.linear_fc1", routed, "shared_experts.linear_fc2", "mtp.layers.0.eh_proj"):
         assert part in names, part
     assert type(model.output_layer) is ColumnParallelLinear  # output head: BF16
     assert not any(k in names for k in ("router", "embedding", "layernorm", "core_attention"))

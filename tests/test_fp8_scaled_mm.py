@@ -141,7 +141,7 @@ def test_an_fp8_expert_layer_with_an_empty_expert_runs_through_pytorchs_checks(m
     from megatron_dsv3.fp8.linear import FP8LinearMixin
 
     blas = ScaledBlasModel(rule_for(torch.__version__))
-    net, _ = _fp8_model(monkeypatch, [])
+    net, _ = _fp8_model(monkeypatch, ["--dsv3-experts", "sequential"])
     experts = next(m for m in net.modules() if isinstance(m, FP8SequentialMLP))
     linears = [m for m in experts.modules() if isinstance(m, FP8LinearMixin)]
     count = len(experts.local_experts)

@@ -107,23 +107,37 @@ def test_logits_match_transformers_deepseek(preset, megatron_single_process):
     torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("experts", ["sequential", "grouped"])
 @pytest.mark.parametrize("preset", [TINY, get_preset("deepseek-v2-lite").with_overrides(num_layers=2)],
                          ids=["dsv3-tiny", "v2-lite-2-layers"])
-def test_name_table_holds_exactly_the_built_models_weights_with_their_shapes(preset, megatron_single_process):
+def test_name_table_holds_exactly_the_built_models_weights_with_their_shapes(preset, experts, megatron_single_process):
     """Every parameter (and expert bias) of the built model, MTP included, has one HF name, and the
-    table's shape for it is the built one."""
+    table's shape for it is the built one.  The table names ``SequentialMLP``'s per-expert weights;
+    the grouped experts hold the same weights stacked (``experts.linear_fc1.weight`` is
+    (experts, *shape)) and load the per-expert names (``test_grouped_experts.py``)."""
+    import re
+
     import torch as _torch
 
     from megatron_dsv3.parallel import ParallelLayout
     from megatron_dsv3.testing.parallel import build_chunks
 
     with _torch.device("meta"):
-        _, _, (model,) = build_chunks(preset, ParallelLayout(), ddp=False, extra_args=("--no-initialization",))
+        _, _, (model,) = build_chunks(preset, ParallelLayout(), ddp=False,
+                                      extra_args=("--no-initialization", "--dsv3-experts", experts))
     built = {n: tuple(t.shape) for n, t in model.named_parameters()} | {
         n: tuple(t.shape) for n, t in model.named_buffers() if n.endswith("expert_bias")}
-    table = hf_mapping.name_table(preset, include_mtp=True)
-    assert {m.megatron: m.shape for m in table} == built
-    hf_names = [h for m in table for h in m.hf]
+    mappings = hf_mapping.name_table(preset, include_mtp=True)
+    table = {m.megatron: m.shape for m in mappings}
+    if experts == "grouped":
+        stacked = {}
+        for name, shape in table.items():
+            key = re.sub(r"\.local_experts\.\d+\.", ".", name)
+            stacked[key] = (stacked[key][0] + 1, *shape) if key != name and key in stacked else (
+                (1, *shape) if key != name else shape)
+        table = stacked
+    assert table == built
+    hf_names = [h for m in mappings for h in m.hf]
     assert len(hf_names) == len(set(hf_names))
 
 

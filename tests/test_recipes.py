@@ -235,7 +235,8 @@ def test_shipped_recipe_args_parse_with_megatrons_parser_into_the_intended_layou
     requested = argv[argv.index("--dsv3-backend") + 1]
     # `auto` is chosen when the job starts; hopper_gpu() makes Transformer Engine usable here.
     assert args.transformer_impl == ("transformer_engine" if requested == "auto" else requested)
-    assert args.moe_grouped_gemm == (args.transformer_impl == "transformer_engine")
+    # `model.experts: auto` is grouped wherever it runs: TEGroupedMLP, or grouped_mm on the local backend.
+    assert args.moe_grouped_gemm == (recipe.model.experts != "sequential")
     if t.rampup_batch_size:
         assert args.step_batch_size_schedule.endswith(f":{t.global_batch_size}")
     else:

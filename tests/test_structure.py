@@ -239,13 +239,13 @@ def test_args_command_and_the_tests_builder_make_the_same_megatron_config(name, 
 
 
 # ---- specs ----
-def _tiny_config(**overrides):
+def _tiny_config(experts: str = "auto", **overrides):
     from megatron_dsv3.args.compose import megatron_argv
     from megatron_dsv3.args.settings import parse_megatron_args, transformer_config
     from megatron_dsv3.model.presets import get_preset
 
     return transformer_config(parse_megatron_args(megatron_argv(get_preset("dsv3-tiny").with_overrides(**overrides),
-                                                                cpu=True)))
+                                                                cpu=True, experts=experts)))
 
 
 def test_building_a_spec_changes_nothing(megatron_single_process):
@@ -263,15 +263,22 @@ def test_building_a_spec_changes_nothing(megatron_single_process):
     assert before == after
 
 
-def test_a_provider_swaps_every_linear_of_the_model(megatron_single_process):
+@pytest.mark.parametrize("experts", ["sequential", "grouped"])
+def test_a_provider_swaps_every_linear_of_the_model(megatron_single_process, experts):
     """Attention (with MLA's down-projections), dense MLP, routed and shared experts and MTP's
-    projection all come from the provider; only the output head, built by GPTModel, does not."""
+    projection all come from the provider; only the output head, built by GPTModel, does not.
+    Grouped routed experts are the provider's ``grouped_experts`` class, sequential ones
+    ``SequentialMLP`` of the provider's linears."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+    from megatron_dsv3.model.grouped_experts import GroupedExperts
     from megatron_dsv3.model.linear import DuplicatedLinear
     from megatron_dsv3.model.providers import DSV3LocalSpecProvider
     from megatron_dsv3.model.spec import dsv3_block_spec
+
+    class Grouped(GroupedExperts):
+        pass
 
     class Column(ColumnParallelLinear):
         pass
@@ -292,7 +299,9 @@ def test_a_provider_swaps_every_linear_of_the_model(megatron_single_process):
         def linear(self):
             return Replicated
 
-    config = _tiny_config()
+        grouped_experts = Grouped
+
+    config = _tiny_config(experts)
     spec = dsv3_block_spec(config, pp_rank=0, provider=Recording())
     model = GPTModel(config=config, transformer_layer_spec=spec, mtp_block_spec=spec.mtp_block_spec,
                      vocab_size=4096, max_sequence_length=128, position_embedding_type="rope")
@@ -302,10 +311,12 @@ def test_a_provider_swaps_every_linear_of_the_model(megatron_single_process):
     kinds = {type(m).__name__ for m in linears.values()}
     assert kinds == {"Column", "Row", "Replicated", "ColumnParallelLinear"}
     names = " ".join(linears)
+    routed = "local_experts.0.linear_fc1" if experts == "sequential" else "shared_experts.linear_fc1"
     for part in ("linear_q_down_proj", "linear_kv_down_proj", "linear_q_up_proj", "linear_kv_up_proj",
-                 "linear_proj", "mlp.linear_fc1", "local_experts.0.linear_fc1", "shared_experts.linear_fc2",
-                 "mtp.layers.0.eh_proj"):
+                 "linear_proj", "mlp.linear_fc1", routed, "shared_experts.linear_fc2", "mtp.layers.0.eh_proj"):
         assert part in names, part
+    routed_experts = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    assert routed_experts and all(isinstance(m, Grouped) == (experts == "grouped") for m in routed_experts)
 
 
 def _structure(spec):

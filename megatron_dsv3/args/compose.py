@@ -26,7 +26,7 @@ def recipe_argv(recipe: Recipe, world_size: int | None = None) -> list[str]:
     checkpoint arguments + the recipe's raw ``megatron_args``; the recipe is validated first."""
     layout = validate_recipe(recipe, world_size)
     argv = ["--spec", "dsv3"] + model_args(recipe.preset) + parallel_args(layout)
-    argv += plugin_args(argv_backend(recipe), cpu=recipe.is_cpu)
+    argv += plugin_args(argv_backend(recipe), cpu=recipe.is_cpu, experts=recipe.model.experts)
     argv += fp8_args(recipe)
     if recipe.precision == "bf16":
         argv += ["--bf16"]
@@ -43,8 +43,9 @@ def argv_backend(recipe: Recipe) -> str:
     return "local" if recipe.is_cpu else recipe.backend
 
 
-def plugin_args(backend: str, *, cpu: bool) -> list[str]:
-    return ["--dsv3-backend", backend] + (["--dsv3-cpu"] if cpu else [])
+def plugin_args(backend: str, *, cpu: bool, experts: str = "auto") -> list[str]:
+    """The backend, the experts (``auto`` too: resolved where the job runs) and CPU mode."""
+    return ["--dsv3-backend", backend, "--dsv3-experts", experts] + (["--dsv3-cpu"] if cpu else [])
 
 
 def fp8_args(recipe: Recipe) -> list[str]:
@@ -340,6 +341,7 @@ def preset_recipe(
     cpu: bool = True,
     micro_batch_size: int = 1,
     extra: list[str] | tuple[str, ...] = (),
+    experts: str = "auto",
 ) -> Recipe:
     """An in-memory recipe for ``preset`` under ``layout``: fp32, mock data, one step, no checkpoints.
 
@@ -353,7 +355,7 @@ def preset_recipe(
                  if f.name not in ("name", "description") and getattr(preset, f.name) != getattr(base, f.name)}
     recipe = Recipe(
         name=f"{preset.name}-test",
-        model=ModelSection(preset=base.name, overrides=overrides),
+        model=ModelSection(preset=base.name, overrides=overrides, experts=experts),
         backend=backend,
         precision="fp32",
         parallel=ParallelSection(world_size=layout.world_size, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
@@ -377,6 +379,7 @@ def megatron_argv(
     cpu: bool | None = None,
     micro_batch_size: int = 1,
     extra: list[str] | tuple[str, ...] = (),
+    experts: str = "auto",
 ) -> list[str]:
     """Validated Megatron-LM arguments that run ``preset`` under ``layout`` on this machine.
 
@@ -392,7 +395,7 @@ def megatron_argv(
 
         resolve_backend(backend)  # raises the explanatory error where TE cannot run
     recipe = preset_recipe(preset, layout, backend=backend, cpu=cpu, micro_batch_size=micro_batch_size,
-                           extra=extra)
+                           extra=extra, experts=experts)
     try:
         return recipe_argv(recipe)
     except ConfigError as err:  # the recipe is ours, not the user's file: report the preset's keys

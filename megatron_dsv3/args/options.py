@@ -10,7 +10,7 @@ import argparse
 
 from megatron_dsv3.fp8.plan import FP8_BACKENDS
 from megatron_dsv3.fp8.recipes import BLOCK_KINDS, MOMENTS, OPTIONAL_BF16, RECIPES, SCALES
-from megatron_dsv3.model.backends import BACKENDS
+from megatron_dsv3.model.backends import BACKENDS, EXPERTS
 from megatron_dsv3.parallel.layout import SCHEDULES
 
 # ---- FP8 (megatron_dsv3.fp8): option dest -> FP8Recipe field it overrides ----
@@ -47,6 +47,15 @@ def add_dsv3_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="Modules of the dsv3 spec: Transformer Engine, Megatron's local PyTorch modules, or auto"
         " (Transformer Engine when it imports on a GPU, local otherwise; an explicit"
         " --transformer-impl local is kept). Sets --transformer-impl and what the backend needs.",
+    )
+    group.add_argument(
+        "--dsv3-experts",
+        choices=EXPERTS,
+        default="auto",
+        help="Routed experts: grouped (one grouped GEMM per projection for all local experts:"
+        " Transformer Engine's GroupedMLP, or torch.nn.functional.grouped_mm on the local backend) or"
+        " sequential (Megatron's SequentialMLP, one GEMM per expert); auto: grouped wherever it runs."
+        " Sets Megatron's --moe-grouped-gemm.",
     )
     group.add_argument(
         "--dsv3-cpu",

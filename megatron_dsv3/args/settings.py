@@ -1,7 +1,7 @@
 """What the plugin's options imply for Megatron's own arguments: written once, applied where the job runs.
 
-``megatron-dsv3 args`` prints only the plugin's options (``--dsv3-backend``, ``--dsv3-cpu``,
-``--pipeline-schedule``); :func:`apply_plugin_options` turns them into Megatron's arguments right
+``megatron-dsv3 args`` prints only the plugin's options (``--dsv3-backend``, ``--dsv3-experts``,
+``--dsv3-cpu``, ``--pipeline-schedule``); :func:`apply_plugin_options` turns them into Megatron's arguments right
 after Megatron parses them and before it validates them, on the machine that runs the job, so that
 ``--dsv3-backend auto`` is decided where Transformer Engine either imports or does not.  An explicit
 Megatron flag that contradicts what an option implies is an error naming both.
@@ -20,7 +20,7 @@ import io
 import sys
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.model.backends import resolve_backend
+from megatron_dsv3.model.backends import resolve_backend, resolve_experts
 from megatron_dsv3.model.options import attach_options
 from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
 from megatron_dsv3.parallel.megatron_layout import ScheduleOptions, megatron_layout
@@ -37,10 +37,9 @@ CPU_SETTINGS = {
     "no_persist_layer_norm": True,
 }
 BACKEND_SETTINGS = {
-    # The local backend has no fused weight-gradient accumulation (that is apex's or TE's), and its
-    # experts run one after another.
-    "local": {"transformer_impl": "local", "gradient_accumulation_fusion": False, "moe_grouped_gemm": False},
-    "transformer_engine": {"transformer_impl": "transformer_engine", "moe_grouped_gemm": True},
+    # The local backend has no fused weight-gradient accumulation (that is apex's or TE's).
+    "local": {"transformer_impl": "local", "gradient_accumulation_fusion": False},
+    "transformer_engine": {"transformer_impl": "transformer_engine"},
 }
 # The flag a user would have written for each setting, for error messages.
 _FLAGS = {
@@ -82,9 +81,18 @@ def schedule_settings(args: argparse.Namespace) -> dict:
 def implied_settings(args: argparse.Namespace, backend: str) -> dict:
     settings = dict(CPU_SETTINGS) if getattr(args, "dsv3_cpu", False) else {}
     settings.update(BACKEND_SETTINGS[backend])
+    settings.update(experts_settings(args, backend))
     settings.update(schedule_settings(args))
     settings.update(fp8_settings(args, backend))
     return settings
+
+
+def experts_settings(args: argparse.Namespace, backend: str) -> dict:
+    """``--dsv3-experts`` as Megatron's ``--moe-grouped-gemm``, which the spec's provider reads
+    (:mod:`megatron_dsv3.model.providers`); ``auto`` resolved on this machine."""
+    experts = resolve_experts(getattr(args, "dsv3_experts", "auto"), backend,
+                              on_cpu=bool(getattr(args, "dsv3_cpu", False)))
+    return {"moe_grouped_gemm": experts == "grouped"}
 
 
 # ---- FP8 (megatron_dsv3.fp8): what --dsv3-fp8 implies ----
@@ -211,7 +219,8 @@ def _check_conflicts(args, settings: dict, requested: str) -> None:
         if current != value and current != defaults[dest]:
             raise ConfigError(
                 f"{_FLAGS[dest]} was given as {current!r}, but the plugin's options need {value!r}"
-                f" (--dsv3-backend {requested}{', --dsv3-cpu' if args.dsv3_cpu else ''}"
+                f" (--dsv3-backend {requested}, --dsv3-experts {getattr(args, 'dsv3_experts', 'auto')}"
+                f"{', --dsv3-cpu' if args.dsv3_cpu else ''}"
                 f"{', --pipeline-schedule ' + args.pipeline_schedule if args.pipeline_schedule else ''})",
                 fix=f"remove {_FLAGS[dest]} and let the plugin set it, or change the plugin option",
                 key=_FLAGS[dest],
@@ -307,17 +316,18 @@ def attach_model_options(config, args: argparse.Namespace):
 
 def parse_megatron_args(argv: list[str], *, quiet: bool = True) -> argparse.Namespace:
     """Megatron's ``parse_args`` + ``validate_args`` on ``argv`` (not ``sys.argv``), plus our options."""
-    from megatron.training.arguments import parse_args, validate_args
+    import megatron.training.arguments as megatron_arguments
 
     from megatron_dsv3.args.options import add_dsv3_arguments
 
     saved = sys.argv
     sys.argv = ["megatron-dsv3"] + [str(a) for a in argv]
     try:
-        args = parse_args(extra_args_provider=add_dsv3_arguments)
+        args = megatron_arguments.parse_args(extra_args_provider=add_dsv3_arguments)
     finally:
         sys.argv = saved
     apply_plugin_options(args)
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        validate_args(args, {})
+        # Looked up now: parsing `--dsv3-cpu` turns CPU mode on, whose changes include validate_args's.
+        megatron_arguments.validate_args(args, {})
     return args

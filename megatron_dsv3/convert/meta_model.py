@@ -65,9 +65,11 @@ def megatron_args(preset: ModelPreset, dtype: torch.dtype) -> argparse.Namespace
     """The parsed Megatron arguments a converted checkpoint records (Megatron checks the architecture
     ones against the run that loads it): the composer's for ``preset`` on one process, with the
     vocabulary unpadded so the embedding has exactly the checkpoint's rows (Megatron pads it to the
-    loading run's TP when it loads: the embedding and output layer allow a shape mismatch)."""
+    loading run's TP when it loads: the embedding and output layer allow a shape mismatch).  The
+    experts are ``SequentialMLP``'s, one parameter per expert and the names of
+    :mod:`megatron_dsv3.model.hf_names`; grouped experts write and read the same checkpoint."""
     extra = ["--make-vocab-size-divisible-by", "1", *_DTYPE_FLAGS[dtype]]
-    return parse_megatron_args(megatron_argv(preset, backend="local", cpu=True, extra=extra))
+    return parse_megatron_args(megatron_argv(preset, backend="local", cpu=True, extra=extra, experts="sequential"))
 
 
 @dataclasses.dataclass(frozen=True)

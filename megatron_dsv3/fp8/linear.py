@@ -20,7 +20,7 @@ gather of the input, reduce-scatter or all-reduce of the input gradient), as in
 GEMM is queued there instead of run, so DualPipe's W applies to FP8 Linears too.
 
 Tiles along tokens restart at every token segment the experts report
-(:mod:`megatron_dsv3.fp8.experts`): an expert's input concatenates tokens from several
+(:mod:`megatron_dsv3.fp8.segments`): an expert's input concatenates tokens from several
 expert-parallel ranks, and tiles that spanned two ranks' tokens would make the weight gradient
 depend on the parallel layout.
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from megatron.core.tensor_parallel.mappings import _gather_along_first_dim, _reduce_scatter_along_first_dim
 
-from megatron_dsv3.fp8.experts import current_segments
+from megatron_dsv3.fp8.segments import current_segments
 from megatron_dsv3.fp8.plan import FP8Plan, plan_of
 from megatron_dsv3.model.wgrad import (
     WGRAD,

@@ -9,7 +9,7 @@ head, router, norms and core attention are not Linears of the spec and stay BF16
 
 from __future__ import annotations
 
-from megatron_dsv3.fp8.experts import FP8SequentialMLP
+from megatron_dsv3.fp8.experts import FP8GroupedExperts, FP8SequentialMLP
 from megatron_dsv3.fp8.linear import FP8ColumnParallelLinear, FP8DuplicatedLinear, FP8RowParallelLinear
 from megatron_dsv3.fp8.plan import FP8Plan
 from megatron_dsv3.fp8.policy import keep_bf16_modules
@@ -18,10 +18,12 @@ from megatron_dsv3.model.providers import DeferringLocalSpecProvider
 
 
 class FP8LocalSpecProvider(DeferringLocalSpecProvider):
-    """The local backend's provider with FP8 Linears; the routed experts run one FP8 GEMM per expert
-    (PyTorch has no block-wise FP8 grouped GEMM)."""
+    """The local backend's provider with FP8 Linears and FP8 routed experts (grouped: the tokens of all
+    experts quantised at once, then one FP8 GEMM per expert, since PyTorch has no block-wise FP8
+    grouped GEMM; sequential: Megatron's ``SequentialMLP`` of FP8 Linears)."""
 
-    experts_class = FP8SequentialMLP
+    sequential_experts = FP8SequentialMLP
+    grouped_experts = FP8GroupedExperts
 
     def column_parallel_linear(self) -> type:
         return FP8ColumnParallelLinear

@@ -94,3 +94,54 @@ def planned_backend(requested: str, on_cpu: bool) -> str:
     if on_cpu:
         return "local"
     return "local" if requested == "auto" else requested
+
+
+# ---- the routed experts: one grouped GEMM per projection, or one GEMM per expert ----
+EXPERTS = ("auto", "grouped", "sequential")
+
+
+@functools.cache
+def grouped_mm_status(on_cpu: bool) -> tuple[bool, str]:
+    """Whether ``torch.nn.functional.grouped_mm`` runs here (the local backend's grouped experts), and
+    if not, why.  It is public from PyTorch 2.10 and has a CPU kernel; on a GPU Megatron asks for
+    compute capability 8.0 (``--moe-grouped-gemm``), as bf16 ``grouped_mm`` does."""
+    import torch
+
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        return False, f"torch {torch.__version__} has no torch.nn.functional.grouped_mm (PyTorch >= 2.10 has it)"
+    if not on_cpu:
+        if not torch.cuda.is_available():
+            return False, "no GPU is visible and CPU mode is off"
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            return False, f"compute capability {major}.{minor}: grouped_mm's GPU kernels need 8.0 or newer"
+    return True, ""
+
+
+def resolve_experts(requested: str | None, backend: str, *, on_cpu: bool) -> str:
+    """``auto`` / ``grouped`` / ``sequential`` (None = auto) as the experts that run here.
+
+    ``grouped``: Transformer Engine's ``TEGroupedMLP`` on that backend, our ``grouped_mm`` experts
+    (:mod:`megatron_dsv3.model.grouped_experts`) on the local one; ``sequential``: Megatron's
+    ``SequentialMLP``, one GEMM per expert.  ``auto`` is grouped wherever it runs; asking for grouped
+    experts where ``grouped_mm`` cannot run is an error naming why."""
+    requested = requested or "auto"
+    if requested not in EXPERTS:
+        raise ConfigError(f"unknown experts '{requested}'", fix=f"use one of: {', '.join(EXPERTS)}",
+                          key="--dsv3-experts", value=requested, choices=list(EXPERTS))
+    if backend != "local" or requested == "sequential":
+        return "sequential" if requested == "sequential" else "grouped"
+    usable, reason = grouped_mm_status(on_cpu)
+    if usable:
+        return "grouped"
+    if requested == "grouped":
+        raise ConfigError(f"grouped experts were requested but cannot run here: {reason}",
+                          fix="use --dsv3-experts sequential (recipe model.experts: sequential), or upgrade"
+                          " PyTorch to 2.10 or newer", key="--dsv3-experts")
+    import torch
+
+    if on_cpu or torch.cuda.is_available():  # (no device at all: arguments checked away from the job)
+        warnings.warn(f"megatron-dsv3: experts auto runs one GEMM per expert (sequential) because {reason};"
+                      " upgrade PyTorch to 2.10 or newer (or the GPU) for grouped experts, or pass"
+                      " --dsv3-experts sequential to choose it explicitly", RuntimeWarning, stacklevel=2)
+    return "sequential"

@@ -20,6 +20,7 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_dsv3.model.attention import MLACoreAttention
+from megatron_dsv3.model.grouped_experts import GroupedExperts
 from megatron_dsv3.model.linear import DuplicatedLinear
 from megatron_dsv3.model.norm import RMSNorm
 from megatron_dsv3.model.options import options_of
@@ -40,11 +41,16 @@ class DSV3LocalSpecProvider(LocalSpecProvider):
     * ``linear``: a linear replicated on every tensor-parallel rank for MLA's down-projections, as
       Transformer Engine's spec does (Megatron's local spec splits them, which loses part of the
       rope-key gradient under TP, see :mod:`megatron_dsv3.model.linear`);
-    * ``grouped_mlp_modules``: the routed experts (``experts_class``) from this provider's own linears
-      (Megatron's local provider names its classes directly, so a subclass could not swap them).
+    * ``grouped_mlp_modules``: the routed experts, as Megatron's ``--moe-grouped-gemm`` asks (the
+      config's ``moe_grouped_gemm``, set by ``--dsv3-experts``): ``grouped_experts``, one
+      ``grouped_mm`` per projection for all local experts (:mod:`megatron_dsv3.model.grouped_experts`),
+      or ``sequential_experts``, Megatron's ``SequentialMLP`` of this provider's own linears
+      (Megatron's local provider ignores the flag and names its classes directly, so a subclass
+      could not swap them).
     """
 
-    experts_class: type = SequentialMLP
+    sequential_experts: type = SequentialMLP
+    grouped_experts: type = GroupedExperts
 
     def linear(self) -> type:
         return DuplicatedLinear
@@ -56,8 +62,10 @@ class DSV3LocalSpecProvider(LocalSpecProvider):
         return MLACoreAttention
 
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool):
+        if moe_use_grouped_gemm:
+            return self.grouped_experts
         return partial(
-            self.experts_class,
+            self.sequential_experts,
             submodules=MLPSubmodules(
                 linear_fc1=self.column_parallel_linear(),
                 linear_fc2=self.row_parallel_linear(),

@@ -22,6 +22,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.model.backends import EXPERTS
 from megatron_dsv3.model.presets import ModelPreset
 from megatron_dsv3.recipe.schema import (
     MOVED_SECTIONS,
@@ -248,12 +249,14 @@ class _Builder:
         for name, key_node, value_node, full in self._items(node, path):
             if name == "preset":
                 section.preset = self.convert(str, value_node, full, None)
+            elif name == "experts":
+                section.experts = self.convert(str, value_node, full, EXPERTS)
             elif name in known:
                 section.overrides[name] = self.convert(hints[name], value_node, full, None)
             else:
-                choices = [f"model.{k}" for k in sorted(known | {"preset"})]
+                choices = [f"model.{k}" for k in sorted(known | {"preset", "experts"})]
                 raise self.fail(key_node, f"unknown key '{full}'",
-                                "use `preset` or a ModelPreset field (megatron_dsv3/presets.py)",
+                                "use `preset`, `experts` or a ModelPreset field (megatron_dsv3/presets.py)",
                                 key=full, value=full, choices=choices)
         if section.preset is None:
             raise self.fail(node, "model.preset is missing",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.fp8.plan import FP8_BACKENDS
 from megatron_dsv3.fp8.recipes import BLOCK_KINDS, MOMENTS, OPTIONAL_BF16, RECIPES, SCALES, FP8Recipe, named_recipe
+from megatron_dsv3.model.backends import EXPERTS
 from megatron_dsv3.model.presets import ModelPreset, get_preset
 from megatron_dsv3.parallel.layout import SCHEDULES
 
@@ -46,6 +47,8 @@ class ModelSection:
     preset: str = key(None, "name of a model preset (megatron_dsv3.model.presets.PRESETS)")
     overrides: dict = key(doc="ModelPreset fields written next to `preset`, e.g. num_layers: 8",
                           factory=dict)
+    experts: str = key("auto", "routed experts: grouped (one grouped GEMM per projection), sequential (one GEMM"
+                       " per expert), or auto (grouped wherever it runs); --dsv3-experts", choices=EXPERTS)
 
 
 @dataclass

@@ -445,6 +445,34 @@ def training_loop_initializes_without_cuda():
 
 
 @megatron_change(
+    targets=["megatron.training.arguments.validate_args"],
+    versions="megatron-core 0.19.x (megatron/training)",
+    fixed_upstream_when="validate_args asks for the GPU's compute capability for --moe-grouped-gemm only "
+    "when CUDA is available",
+)
+def grouped_gemm_experts_pass_argument_checks_on_cpu():
+    """``--moe-grouped-gemm`` passes Megatron's argument check on the CPU.
+
+    ``validate_args`` asserts a compute capability of at least 8.0 for grouped-GEMM kernels, and CPU
+    mode reports 0.0 (``cuda_runtime_calls_become_cpu_no_ops``).  On the CPU the local backend's
+    grouped experts run ``torch.nn.functional.grouped_mm``'s CPU kernel
+    (``megatron_dsv3.model.grouped_experts``).  The replacement validates with the flag off and
+    puts it back, so every other check runs as Megatron wrote it.
+    """
+    validate_args = original("megatron.training.arguments.validate_args")
+
+    def validate_args_with_grouped_gemm_on_cpu(args, defaults={}):
+        grouped = getattr(args, "moe_grouped_gemm", False)
+        args.moe_grouped_gemm = False
+        try:
+            return validate_args(args, defaults)
+        finally:
+            args.moe_grouped_gemm = grouped
+
+    replace("megatron.training.arguments.validate_args", validate_args_with_grouped_gemm_on_cpu)
+
+
+@megatron_change(
     targets=[
         "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
         "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",

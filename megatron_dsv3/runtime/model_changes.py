@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_dsv3.fp8.experts import TOKEN_SOURCES
+from megatron_dsv3.fp8.segments import TOKEN_SOURCES
 from megatron_dsv3.fp8.plan import plan_of
 from megatron_dsv3.fp8.te import float8_block_scaling
 from megatron_dsv3.runtime.registry import megatron_change, original, replace
@@ -139,7 +139,7 @@ def moe_experts_know_their_token_sources():
     (Megatron's all-to-all dispatcher sorts them by local expert, then source).  The FP8 weight
     gradient tiles tokens 128 at a time, and a tile spanning two ranks' tokens would make the
     gradient depend on the parallel layout; the per-source counts let the FP8 experts restart
-    tiles at each source (``megatron_dsv3.fp8.experts``).  After Megatron's own
+    tiles at each source (``megatron_dsv3.fp8.segments``).  After Megatron's own
     ``dispatch_postprocess`` the replacement records the dispatcher's counts, only when FP8
     experts were built (otherwise it costs one attribute check); the tokens are unchanged.
     """
