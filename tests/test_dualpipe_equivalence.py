@@ -142,6 +142,10 @@ def _grads(chunks) -> dict:
 
 
 def test_overlapped_step_runs_dispatch_and_combine_on_megatrons_comm_stream(megatron_single_process, monkeypatch):
+    overlapped_step_uses_megatrons_comm_stream(monkeypatch, cpu=True)
+
+
+def overlapped_step_uses_megatrons_comm_stream(monkeypatch, *, cpu: bool):
     """The overlapped step (what the runner runs for every F, B and F&B with overlap on) sets up
     Megatron's communication stream first, as Megatron's own overlapped schedules do
     (``set_streams``): every MoE dispatch and combine runs on it, and a forward then backward
@@ -149,7 +153,8 @@ def test_overlapped_step_runs_dispatch_and_combine_on_megatrons_comm_stream(mega
     ``set_streams`` the nodes get no stream: on a GPU they run on the compute stream and the
     backward's ``record_stream(None)`` raises, and CPU mode's stand-ins do both.  One process, so
     EP = 1, where the dispatch is an identity and Megatron's freeing of a node's input after its
-    forward would free the output too (why the overlap is refused without EP): freeing is off."""
+    forward would free the output too (why the overlap is refused without EP): freeing is off.
+    ``cpu=False`` runs it on a GPU's real streams (``tests/test_gpu.py``, ``benchmarks/gpu_proof.py``)."""
     from types import SimpleNamespace
 
     import megatron.core.pipeline_parallel.utils as pipeline_utils
@@ -162,8 +167,10 @@ def test_overlapped_step_runs_dispatch_and_combine_on_megatrons_comm_stream(mega
 
     monkeypatch.setattr(pipeline_utils, "_COMM_STREAM", None)  # as in a new process
     monkeypatch.setattr(TransformerLayerNode, "_resolve_free_input", staticmethod(lambda *args: False))
-    config, _, chunks = parallel.build_chunks(PRESET.with_overrides(num_layers=2), L())
+    config, _, chunks = parallel.build_chunks(PRESET.with_overrides(num_layers=2), L(), cpu=cpu)
     tokens = parallel.fixed_tokens(PRESET, 1, seed=4)
+    if not cpu:
+        tokens = tokens.cuda()
     streams = []
     for name in ("dispatch", "combine"):
         method = getattr(MoELayer, name)
@@ -179,7 +186,7 @@ def test_overlapped_step_runs_dispatch_and_combine_on_megatrons_comm_stream(mega
     combined_step(step, None, (0, None, output, None))
     overlapped = _grads(chunks)
     assert pipeline_utils.get_comm_stream() is not None
-    assert streams and all(s is pipeline_utils.get_comm_stream() for s in streams), streams
+    assert streams and all(s == pipeline_utils.get_comm_stream() for s in streams), streams
     n = len(streams)
 
     for chunk in chunks:
@@ -188,6 +195,6 @@ def test_overlapped_step_runs_dispatch_and_combine_on_megatrons_comm_stream(mega
                              [], config, 1, is_first_microbatch=True, current_microbatch=0)
     backward_step(None, output, None, config)
     plain = _grads(chunks)
-    assert len(streams) == 2 * n and all(s is torch.cuda.default_stream() for s in streams[n:])
+    assert len(streams) == 2 * n and all(s == torch.cuda.default_stream() for s in streams[n:])
     worst = max(float((overlapped[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in plain.items())
     assert worst < 1e-6

@@ -141,7 +141,9 @@ def fp8_plan(args: argparse.Namespace, backend: str):
         first = found[0]
         flag = _FP8_KEY_FLAGS.get(first.key, option_flag("dsv3_" + first.key.replace(".", "_")))
         raise ConfigError(f"--dsv3-fp8 {name}: {first.problem}", fix=first.fix, key=flag)
-    return FP8Plan(recipe=recipe, backend=fp8_backend)
+    # On a GPU the quantizer runs as one compiled kernel (same codes); on CPU the eager reference
+    # (CPU mode turns TorchDynamo off, and compiling costs more than it saves at CPU sizes).
+    return FP8Plan(recipe=recipe, backend=fp8_backend, quantizer="eager" if on_cpu else "compiled")
 
 
 def fp8_settings(args: argparse.Namespace, backend: str) -> dict:

@@ -8,7 +8,8 @@ also names the FP8 provider and the BF16 policy); FP8's modules read it with :fu
 Backends: ``transformer_engine`` (Megatron's own FP8 path through TE's ``Float8BlockScaling``),
 ``pytorch`` (``torch._scaled_mm`` on an SM90 GPU, :mod:`megatron_dsv3.fp8.scaled_mm`) and
 ``emulated`` (any device, :mod:`megatron_dsv3.fp8.emulation`).  The last two share one quantizer
-(:mod:`megatron_dsv3.fp8.quantize`) and one Linear (:mod:`megatron_dsv3.fp8.linear`).
+(:mod:`megatron_dsv3.fp8.quantize`; on a GPU its compiled form, :mod:`megatron_dsv3.fp8.fused_quantize`,
+which gives the same codes) and one Linear (:mod:`megatron_dsv3.fp8.linear`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_dsv3.fp8 import emulation, scaled_mm
+from megatron_dsv3.fp8.fused_quantize import fused_quantize_for
 from megatron_dsv3.fp8.quantize import BlockQuantized, quantize_for
 from megatron_dsv3.fp8.recipes import FP8Recipe
 from megatron_dsv3.model.options import options_of
@@ -30,8 +32,13 @@ LOCAL_FP8_BACKENDS = ("pytorch", "emulated")  # run by our Linears on Megatron's
 class FP8Plan:
     recipe: FP8Recipe
     backend: str  # transformer_engine | pytorch | emulated (resolved, never auto)
+    # eager: the reference quantizer; compiled: the same codes from one fused kernel
+    # (megatron_dsv3.fp8.fused_quantize), what a GPU runs (torch.compile's first call compiles).
+    quantizer: str = "eager"
 
     def quantize(self, x: torch.Tensor, role: str, *, along: str = "cols", name: str = "") -> BlockQuantized:
+        if self.quantizer == "compiled":
+            return fused_quantize_for(x, self.recipe, role, along=along, name=name)
         return quantize_for(x, self.recipe, role, along=along, name=name)
 
     def gemm(self, a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dtype) -> torch.Tensor:
