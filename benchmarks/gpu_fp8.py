@@ -12,8 +12,8 @@ carrying the repository is enough).  It
    and of FP8 including the quantisation of the activation (what a Linear pays), with the
    speed-up over BF16 (target: FP8 >= 1.5x BF16 on the large shapes; DeepGEMM reaches about
    1,550 TFLOP/s on H800);
-3. measures the quantizer's bandwidth (bytes read + written per second) against the device's copy
-   bandwidth.
+3. measures the quantizer's bandwidth (bytes read + written per second), eager and compiled
+   (``megatron_dsv3.fp8.fused_quantize``, one kernel), against the device's copy bandwidth.
 
     python benchmarks/gpu_fp8.py [--tokens 4096] [--repeats 20] [--json out.json]
 """
@@ -87,6 +87,7 @@ def time_shapes(tokens: int, repeats: int) -> list[dict]:
     import torch
 
     from megatron_dsv3.fp8 import scaled_mm
+    from megatron_dsv3.fp8.fused_quantize import fused_quantize
     from megatron_dsv3.fp8.quantize import quantize
 
     # (name, M, K, N, blocks of the second operand): Fprop rows, plus an expert at a realistic
@@ -102,7 +103,8 @@ def time_shapes(tokens: int, repeats: int) -> list[dict]:
         flops = 2 * m * n * k
         t_bf16 = _timed(lambda: x @ w.t(), repeats)
         t_fp8 = _timed(lambda: scaled_mm.gemm(qx, qw, torch.bfloat16), repeats)
-        t_fp8_q = _timed(lambda: scaled_mm.gemm(quantize(x, (1, 128)), qw, torch.bfloat16), repeats)
+        # What a Linear pays on a GPU: the compiled quantizer (same codes as the eager one) then the GEMM.
+        t_fp8_q = _timed(lambda: scaled_mm.gemm(fused_quantize(x, (1, 128)), qw, torch.bfloat16), repeats)
         rows.append({"shape": name, "m": m, "k": k, "n": n, "bf16_tflops": flops / t_bf16 / 1e12,
                      "fp8_tflops": flops / t_fp8 / 1e12, "fp8_with_quantize_tflops": flops / t_fp8_q / 1e12,
                      "speedup": t_bf16 / t_fp8, "speedup_with_quantize": t_bf16 / t_fp8_q, "large": name in LARGE})
@@ -114,6 +116,7 @@ def time_shapes(tokens: int, repeats: int) -> list[dict]:
 def quantizer_bandwidth(repeats: int) -> list[dict]:
     import torch
 
+    from megatron_dsv3.fp8.fused_quantize import fused_quantize
     from megatron_dsv3.fp8.quantize import quantize
 
     x = torch.randn(16384, 7168, device="cuda", dtype=torch.bfloat16)
@@ -123,9 +126,11 @@ def quantizer_bandwidth(repeats: int) -> list[dict]:
     rows = [{"what": "device copy (bf16 clone)", "gb_per_s": copy / 1e9, "of_copy": 1.0}]
     for label, block in (("quantize 1x128 (activations)", (1, 128)), ("quantize 128x1 (Wgrad operand)", (128, 1)),
                          ("quantize 128x128 (weights)", (128, 128))):
-        t = _timed(lambda: quantize(x, block), repeats)
         moved = 2 * n + n + 4 * n // (block[0] * block[1])  # read bf16, write fp8 codes and fp32 scales
-        rows.append({"what": label, "gb_per_s": moved / t / 1e9, "of_copy": moved / t / copy})
+        for kind, fn in (("eager", lambda: quantize(x, block)),
+                         ("compiled", lambda: fused_quantize(x, block, transpose=block[0] > 1 and block[1] == 1))):
+            t = _timed(fn, repeats)
+            rows.append({"what": f"{label}, {kind}", "gb_per_s": moved / t / 1e9, "of_copy": moved / t / copy})
     return rows
 
 
@@ -161,7 +166,7 @@ def main() -> None:
     bandwidth = quantizer_bandwidth(opts.repeats)
     print("\nquantizer bandwidth (bytes read + written):")
     for b in bandwidth:
-        print(f"  {b['what']:34} {b['gb_per_s']:8.0f} GB/s  {b['of_copy'] * 100:5.1f}% of copy")
+        print(f"  {b['what']:44} {b['gb_per_s']:8.0f} GB/s  {b['of_copy'] * 100:5.1f}% of copy")
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "checks": checks, "gemms": rows,

@@ -149,7 +149,9 @@ def markdown(report: dict) -> str:
         lines += [f"| {g['shape']} | {g['m']} | {g['k']} | {g['n']} | {g['bf16_tflops']:.0f} | {g['fp8_tflops']:.0f} |"
                   f" {g['fp8_with_quantize_tflops']:.0f} | {g['speedup']:.2f} |" for g in gemms["gemms"]]
         large = [g["speedup"] for g in gemms["gemms"] if g["large"]]
-        lines += ["", f"Dense shapes: FP8 / BF16 = {min(large):.2f} to {max(large):.2f} (target >= 1.5)."]
+        lines += ["", f"Dense shapes: FP8 / BF16 = {min(large):.2f} to {max(large):.2f} (target >= 1.5).", "",
+                  "| quantizer (16384 x 7168 bf16) | GB/s | of device copy |", "| --- | --- | --- |"]
+        lines += [f"| {q['what']} | {q['gb_per_s']:.0f} | {100 * q['of_copy']:.0f}% |" for q in gemms["quantizer"]]
     moe = report["results"].get("moe_layer")
     if moe:
         s = moe["shape"]

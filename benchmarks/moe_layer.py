@@ -7,11 +7,12 @@ top-8, 7168, 2048).  Each variant is built from the same seed (so both expert ki
 weights) and runs the same tokens; the table gives, per variant, the median forward+backward time
 of the routed experts alone and of the whole layer, tokens/s of the layer, the grouped / sequential
 speed ratio and the largest difference between the two (layer output, input gradient, expert
-weight gradients).  FP8 is the ``deepseek`` recipe, emulated on CPU and ``torch._scaled_mm`` on a GPU.
+weight gradients).  FP8 is the ``deepseek`` recipe (with BF16 parameters), emulated on CPU and
+``torch._scaled_mm`` on a GPU; on CPU fp32 is timed too, the precision CPU runs train in.
 Targets: on CPU grouped is no slower than sequential (ratio >= 0.9); on a GPU grouped >= 3x at 64 experts.
 
     python benchmarks/moe_layer.py [--tokens 4096] [--experts 64] [--topk 6] [--hidden 1024] [--ffn 256]
-                                   [--repeats 5] [--precisions bf16 fp8] [--json out.json]
+                                   [--repeats 5] [--precisions fp32 bf16 fp8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def build_layer(preset, experts: str, precision: str, on_cpu: bool):
     from megatron_dsv3.parallel import ParallelLayout
     from megatron_dsv3.testing.parallel import build_chunks
 
-    extra = ["--bf16", "--dsv3-experts", experts]
+    extra = ["--dsv3-experts", experts] + (["--bf16"] if precision != "fp32" else [])
     if precision == "fp8":
         extra += ["--dsv3-fp8", "deepseek", "--dsv3-fp8-moments", "fp32",
                   "--dsv3-fp8-backend", "emulated" if on_cpu else "pytorch"]
@@ -145,13 +146,16 @@ def measure(opts) -> dict:
         with silenced(opts.verbose):
             parallel.init_parallel(ParallelLayout(), cpu=on_cpu, preset=preset)
     g = torch.Generator(device=device).manual_seed(0)
-    hidden = torch.randn(opts.tokens, 1, opts.hidden, device=device, generator=g).to(torch.bfloat16)
-    grad = torch.randn(hidden.shape, device=device, generator=g).to(torch.bfloat16)
+    hidden32 = torch.randn(opts.tokens, 1, opts.hidden, device=device, generator=g)
+    grad32 = torch.randn(hidden32.shape, device=device, generator=g)
     report = {"device": torch.cuda.get_device_name() if not on_cpu else f"CPU ({torch.get_num_threads()} threads)",
               "torch": torch.__version__, "shape": {k: getattr(opts, k) for k in ("tokens", "experts", "topk", "hidden", "ffn")},
               "variants": [], "ratios": {}}
     flops = 3 * 2 * 3 * opts.tokens * opts.topk * opts.hidden * opts.ffn  # fwd + bwd, three GEMMs, gate+up+down
-    for precision in opts.precisions:
+    precisions = opts.precisions or (["bf16", "fp8"] if not on_cpu else ["fp32", "bf16", "fp8"])
+    for precision in precisions:
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        hidden, grad = hidden32.to(dtype), grad32.to(dtype)
         results, steps = {}, {}
         for experts in EXPERTS:
             with silenced(opts.verbose):
@@ -201,7 +205,8 @@ def main() -> None:
     cli.add_argument("--ffn", type=int, default=256)
     cli.add_argument("--warmup", type=int, default=1)
     cli.add_argument("--repeats", type=int, default=5)
-    cli.add_argument("--precisions", nargs="+", choices=("bf16", "fp8"), default=["bf16", "fp8"])
+    cli.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp8"), default=None,
+                     help="default: bf16 and fp8 on a GPU; fp32 (what CPU runs train in), bf16 and fp8 on CPU")
     cli.add_argument("--json", default=None, help="also write the report here")
     cli.add_argument("--verbose", action="store_true", help="show Megatron's logging")
     opts = cli.parse_args()

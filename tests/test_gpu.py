@@ -133,3 +133,22 @@ def test_the_overlapped_step_on_the_gpu_runs_dispatch_and_combine_on_megatrons_c
     from test_dualpipe_equivalence import overlapped_step_uses_megatrons_comm_stream
 
     overlapped_step_uses_megatrons_comm_stream(monkeypatch, cpu=False)
+
+
+def test_the_compiled_quantizer_on_the_gpu_gives_the_eager_codes_bit_for_bit():
+    """Triton's kernel (its float32 division is approximate: the fused form divides in float64)
+    against the eager quantizer on the CPU, every role and layout of DeepSeek's recipe."""
+    from test_fp8_fused_quantize import _hard_tensor
+
+    from megatron_dsv3.fp8.fused_quantize import fused_quantize_for
+    from megatron_dsv3.fp8.quantize import quantize_for
+    from megatron_dsv3.fp8.recipes import named_recipe
+
+    recipe = named_recipe("deepseek")
+    x = _hard_tensor(300, 576)
+    for role in ("activation", "weight", "grad"):
+        for along in ("cols", "rows"):
+            got = fused_quantize_for(x.cuda(), recipe, role, along=along)
+            want = quantize_for(x, recipe, role, along=along)
+            assert torch.equal(got.data.cpu().view(torch.uint8), want.data.view(torch.uint8)), (role, along)
+            assert torch.equal(got.scale_inv.cpu(), want.scale_inv), (role, along)
