@@ -13,6 +13,10 @@ Targets: on CPU grouped is no slower than sequential (ratio >= 0.9); on a GPU gr
 
     python benchmarks/moe_layer.py [--tokens 4096] [--experts 64] [--topk 6] [--hidden 1024] [--ffn 256]
                                    [--repeats 5] [--precisions fp32 bf16 fp8] [--json out.json]
+                                   [--train dsv3-tiny-cpu [--train-steps 30] [--skip-layer]]
+
+``--train`` also times ``megatron-dsv3 train`` on a recipe (the embedded default is ``dsv3-tiny-cpu``)
+with both kinds of experts, runs alternating, and prints tokens/s and the ratio.
 """
 
 from __future__ import annotations
@@ -196,6 +200,32 @@ def print_report(report: dict) -> None:
     print(f"target: {report['target']}")
 
 
+def train_throughput(recipe: str, steps: int, rounds: int) -> dict:
+    """``megatron-dsv3 train RECIPE`` with sequential and with grouped experts, alternating, ``rounds``
+    runs each of ``steps`` steps: the median tokens/s its progress lines report (from step 3 on)."""
+    import re
+    import subprocess
+    import sys
+    import tempfile
+
+    rates = {experts: [] for experts in EXPERTS}
+    for _ in range(rounds):
+        for experts in EXPERTS:
+            with tempfile.TemporaryDirectory(prefix="moe-layer-train-") as run:
+                done = subprocess.run(
+                    [sys.executable, "-m", "megatron_dsv3.cli", "train", recipe, f"model.experts={experts}",
+                     f"training.train_iters={steps}", f"checkpoint.save={run}", f"checkpoint.load={run}",
+                     f"checkpoint.save_interval={10 * steps}"],
+                    capture_output=True, text=True, check=True)
+            for line in done.stdout.splitlines():
+                match = re.search(r"step (\d+)/\d+ \| loss \S+ \| ([\d,]+) tokens/s", line)
+                if match and int(match.group(1)) >= 3:
+                    rates[experts].append(float(match.group(2).replace(",", "")))
+    medians = {experts: statistics.median(r) for experts, r in rates.items()}
+    return {"recipe": recipe, "steps": steps, "rounds": rounds, "tokens_per_s": medians,
+            "grouped_over_sequential": medians["grouped"] / medians["sequential"]}
+
+
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("--tokens", type=int, default=4096)
@@ -207,6 +237,12 @@ def main() -> None:
     cli.add_argument("--repeats", type=int, default=5)
     cli.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp8"), default=None,
                      help="default: bf16 and fp8 on a GPU; fp32 (what CPU runs train in), bf16 and fp8 on CPU")
+    cli.add_argument("--train", default=None, metavar="RECIPE",
+                     help="also time `megatron-dsv3 train RECIPE` (e.g. dsv3-tiny-cpu, the default one) with"
+                     " sequential and grouped experts, alternating, and print the ratio")
+    cli.add_argument("--train-steps", type=int, default=30)
+    cli.add_argument("--train-rounds", type=int, default=2)
+    cli.add_argument("--skip-layer", action="store_true", help="only the --train comparison")
     cli.add_argument("--json", default=None, help="also write the report here")
     cli.add_argument("--verbose", action="store_true", help="show Megatron's logging")
     opts = cli.parse_args()
@@ -214,8 +250,14 @@ def main() -> None:
     from megatron_dsv3.testing.quiet import quiet_megatron
 
     quiet_megatron(opts.verbose)
-    report = measure(opts)
-    print_report(report)
+    report = {} if opts.skip_layer else measure(opts)
+    if report:
+        print_report(report)
+    if opts.train:
+        report["train"] = t = train_throughput(opts.train, opts.train_steps, opts.train_rounds)
+        print(f"megatron-dsv3 train {t['recipe']} ({t['steps']} steps, {t['rounds']} alternating runs each):"
+              f" sequential {t['tokens_per_s']['sequential']:,.0f} tokens/s, grouped {t['tokens_per_s']['grouped']:,.0f}"
+              f" tokens/s; grouped / sequential = {t['grouped_over_sequential']:.2f}")
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(report, f, indent=1)
