@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.model.backends import resolve_backend
 from megatron_dsv3.model.presets import PRESETS, ModelPreset, get_preset
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.recipe.check import validate_recipe
@@ -43,8 +44,7 @@ def argv_backend(recipe: Recipe) -> str:
     return "local" if recipe.is_cpu else recipe.backend
 
 
-def plugin_args(backend: str, *, cpu: bool, experts: str = "auto") -> list[str]:
-    """The backend, the experts (``auto`` too: resolved where the job runs) and CPU mode."""
+def plugin_args(backend: str, *, cpu: bool, experts: str = "auto") -> list[str]:  # auto: resolved where it runs
     return ["--dsv3-backend", backend, "--dsv3-experts", experts] + (["--dsv3-cpu"] if cpu else [])
 
 
@@ -341,7 +341,7 @@ def preset_recipe(
     cpu: bool = True,
     micro_batch_size: int = 1,
     extra: list[str] | tuple[str, ...] = (),
-    experts: str = "auto",
+    experts: str = "auto",  # model.experts
 ) -> Recipe:
     """An in-memory recipe for ``preset`` under ``layout``: fp32, mock data, one step, no checkpoints.
 
@@ -391,8 +391,6 @@ def megatron_argv(
 
         cpu = not torch.cuda.is_available()
     if backend == "transformer_engine":
-        from megatron_dsv3.model.backends import resolve_backend
-
         resolve_backend(backend)  # raises the explanatory error where TE cannot run
     recipe = preset_recipe(preset, layout, backend=backend, cpu=cpu, micro_batch_size=micro_batch_size,
                            extra=extra, experts=experts)
