@@ -135,10 +135,12 @@ def test_the_overlapped_step_on_the_gpu_runs_dispatch_and_combine_on_megatrons_c
     overlapped_step_uses_megatrons_comm_stream(monkeypatch, cpu=False)
 
 
-def test_the_compiled_quantizer_on_the_gpu_gives_the_eager_codes_bit_for_bit():
+def test_the_compiled_quantizer_on_the_gpu_gives_the_eager_codes_bit_for_bit(monkeypatch):
     """Triton's kernel (its float32 division is approximate: the fused form divides in float64)
     against the eager quantizer on the CPU, every role and layout of DeepSeek's recipe."""
     from test_fp8_fused_quantize import _hard_tensor
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)  # the tests run with TorchDynamo off
 
     from megatron_dsv3.fp8.fused_quantize import fused_quantize_for
     from megatron_dsv3.fp8.quantize import quantize_for
