@@ -42,7 +42,7 @@ def report(tmp_path_factory):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_schedule_matches_the_single_process_loss_and_gradients(report, name):
     r = report[name]
-    assert r["num_grads"] > 100  # every parameter, experts, MTP and the mirrored copies' sums included
+    assert r["num_grads"] == r["num_params"]  # every parameter, experts, MTP and the mirrored copies' sums included
     assert r["loss_rel_err"] < 1e-6, r
     assert r["max_grad_rel_err"] < 1e-5, (r["worst_param"], r["max_grad_rel_err"])
     assert r["expert_bias_moved"] > 0 and r["expert_bias_max_abs_err"] == 0.0
@@ -129,7 +129,7 @@ def test_overlapped_grad_reduce_with_data_parallelism(tmp_path):
     ref_loss = ref["loss_sum"] / ref["tokens"]
     for name in layouts:
         r = report[name]
-        assert r["num_grads"] > 100
+        assert r["num_grads"] == r["num_params"]
         assert abs(losses[name] - ref_loss) / abs(ref_loss) < 1e-6, (name, losses[name], ref_loss)
         assert r["max_grad_rel_err"] < 1e-5, (name, r["worst_param"], r["max_grad_rel_err"])
         assert r["expert_bias_moved"] > 0 and r["expert_bias_max_abs_err"] == 0.0, name

@@ -39,6 +39,7 @@ def _compare(workdir, names, preset, extra_args, pairs=()):
     parallel.init_parallel(layout, preset=preset)
     _, _, chunks = parallel.build_chunks(preset, layout, extra_args=extra_args)
     reference = parallel.load_gradients(chunks, os.path.join(workdir, "grads-reference"))
+    num_params = sum(1 for chunk in chunks for _ in parallel._unwrap(chunk).parameters())
     parallel.load_weights(chunks, os.path.join(workdir, "after-reference"))
     ref_bias = {n: b.clone() for n, b in chunks[0].module.named_buffers() if n.endswith("expert_bias")}
     report = {}
@@ -55,6 +56,7 @@ def _compare(workdir, names, preset, extra_args, pairs=()):
             "worst_param": worst_key,
             "grad_rel_errs": errors,
             "num_grads": len(reference),
+            "num_params": num_params,  # a gradient compared for every parameter of the model
             "expert_bias_max_abs_err": bias_err,
             "expert_bias_moved": max((float(b.abs().max()) for b in ref_bias.values()), default=0.0),
         }
