@@ -259,6 +259,16 @@ def test_args_start_with_spec_and_end_with_the_raw_megatron_args(tmp_path):
     assert "--dsv3-cpu" in argv and "--bf16" not in argv
 
 
+def test_a_raw_scheduler_flag_is_refused_for_the_recipe_key_that_says_it(tmp_path):
+    # The recipe passes --override-opt_param-scheduler (or --use-checkpoint-...); Megatron asserts on both.
+    assert "--override-opt_param-scheduler" in recipe_argv(load_recipe(write(tmp_path, TINY)))
+    path = write(tmp_path, TINY + "megatron_args: [--use-checkpoint-opt-param-scheduler]\n")
+    with pytest.raises(ConfigError) as err:
+        recipe_argv(load_recipe(path))
+    assert "checkpoint.use_checkpoint_opt_param_scheduler: true" in err.value.fix
+    assert err.value.key == "checkpoint.use_checkpoint_opt_param_scheduler" and "broken.yaml" in str(err.value)
+
+
 def test_layout_string_replaces_the_virtual_stage_flag():
     """validate_args: at most one of --num-virtual-stages-per-pipeline-rank and --pipeline-model-parallel-layout."""
     argv = recipe_argv(load_recipe("deepseek-v3-671b-h100-1024"))
