@@ -25,7 +25,7 @@ FIRST, LONGER = 24, 30  # the README's 200 and 400 steps, shorter
 LR, MIN_LR, WARMUP, BATCH = 3.0e-3, 3.0e-4, 20, 16
 
 
-def _megatron_dsv3(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def _megatron_dsv3(cwd: Path, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     """``megatron-dsv3 ARGS`` run in ``cwd``, as a user types it."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-m", "megatron_dsv3.cli", *args], cwd=cwd, env=env,
@@ -177,7 +177,7 @@ def test_keeping_the_checkpoints_schedule_is_said_with_the_rate_it_gives(readme_
 ], ids=["ep-1-to-2", "another-model"])
 def test_a_resume_megatron_cannot_load_is_refused_before_training_with_the_fix(readme_run, tmp_path, change, words):
     cwd = _copy_of(readme_run, tmp_path)
-    result = _megatron_dsv3(cwd, "train", f"training.train_iters={LONGER}", *change, timeout=300)
+    result = _megatron_dsv3(cwd, "train", f"training.train_iters={LONGER}", *change, timeout=600)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Fix:" in result.stderr and "Traceback" not in result.stderr + result.stdout
     for word in words:

@@ -148,9 +148,10 @@ class ResumePlan:
     def layout_line(self) -> str | None:
         if not self.layout_changes:
             return None
-        line = (f"layout {', '.join(self.layout_changes)}: Megatron's distributed checkpoint reshards the weights"
-                " and optimizer state")
-        return line + ("" if self.rng_restored else " (the RNG state is not restored: TP or PP changed)")
+        state = "weights and optimizer state" if self.recipe_schedule is not None else "weights"
+        line = f"layout {', '.join(self.layout_changes)}: Megatron's distributed checkpoint reshards the {state}"
+        restarts_rng = not self.rng_restored and self.recipe_schedule is not None
+        return line + (" (the RNG state is not restored: TP or PP changed)" if restarts_rng else "")
 
 
 def _steps(samples: int, batch: int) -> str:
@@ -200,8 +201,15 @@ def requested_args(argv: list[str], world_size: int) -> argparse.Namespace:
     from megatron_dsv3.args.settings import parse_megatron_args
     from megatron_dsv3.cpu import cpu_mode
 
-    with cpu_mode() if "--dsv3-cpu" in argv else contextlib.nullcontext():
-        return parse_megatron_args(argv, world_size=world_size)
+    try:
+        with cpu_mode() if "--dsv3-cpu" in argv else contextlib.nullcontext():
+            return parse_megatron_args(argv, world_size=world_size)
+    except (AssertionError, ValueError) as err:  # Megatron's validate_args: the workers would stop there too
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"Megatron's argument check refuses these arguments: {err}",
+                          fix="see `megatron-dsv3 args RECIPE` for the arguments and change the recipe key that"
+                          " sets the one named", key=None) from None
 
 
 def loaded_scheduler(args: argparse.Namespace, saved_state: dict, *, keep_checkpoint: bool):
@@ -310,34 +318,47 @@ def experts_apart(args: argparse.Namespace) -> bool:
 def check_optimizer_layout(saved: argparse.Namespace, new: argparse.Namespace, content_metadata: dict,
                            load_dir: Path) -> None:
     """Refuse the layout changes whose optimizer state Megatron-Core 0.19 cannot load."""
-    if experts_apart(saved) != experts_apart(new):
+    _check_expert_optimizer(saved, new, load_dir)
+    _check_distributed_optimizer(saved, new, content_metadata.get("distrib_optim_sharding_type"), load_dir)
 
-        def text(a):
-            return f"EP {a.expert_model_parallel_size} (ETP {a.expert_tensor_parallel_size}, TP {a.tensor_model_parallel_size})"
 
-        where = {True: "in an optimizer of their own", False: "in the dense parameters' optimizer"}
-        raise ConfigError(
-            f"cannot resume {load_dir} under {text(new)}: it was saved under {text(saved)}, which keeps the experts'"
-            f" optimizer state {where[experts_apart(saved)]}, and the new layout keeps it {where[experts_apart(new)]};"
-            " Megatron-Core 0.19 cannot load one into the other (ChainedOptimizer.load_state_dict)",
-            fix=f"resume with parallel.ep={saved.expert_model_parallel_size} parallel.etp="
-            f"{saved.expert_tensor_parallel_size} parallel.tp={saved.tensor_model_parallel_size} (DP, PP and the"
-            f" pipeline schedule may change), or start a new run from these weights with a fresh optimizer, LR"
-            f" schedule and step count: checkpoint.load={load_dir} checkpoint.save=NEW_FOLDER -- --finetune",
-            key="parallel.ep",
-        )
+def _expert_sizes(args: argparse.Namespace) -> str:
+    return (f"EP {args.expert_model_parallel_size} (ETP {args.expert_tensor_parallel_size},"
+            f" TP {args.tensor_model_parallel_size})")
+
+
+def _check_expert_optimizer(saved: argparse.Namespace, new: argparse.Namespace, load_dir: Path) -> None:
+    """Measured: EP 1 -> 2 fails in ``ChainedOptimizer.load_state_dict`` ("Expected 2 entries in state
+    dict, but got 4"), EP 2 -> 1 in the optimizer's param-group matching ("Could not find parameter group")."""
+    if experts_apart(saved) == experts_apart(new):
+        return
+    where = {True: "in an optimizer of their own", False: "in the dense parameters' optimizer"}
+    raise ConfigError(
+        f"cannot resume {load_dir} under {_expert_sizes(new)}: it was saved under {_expert_sizes(saved)}, which"
+        f" keeps the experts' optimizer state {where[experts_apart(saved)]}, and the new layout keeps it"
+        f" {where[experts_apart(new)]}; Megatron-Core 0.19 cannot load one into the other",
+        fix=f"resume with parallel.ep={saved.expert_model_parallel_size} parallel.etp="
+        f"{saved.expert_tensor_parallel_size} parallel.tp={saved.tensor_model_parallel_size} (DP, PP and the pipeline"
+        f" schedule may change), or start a new run from these weights with a fresh optimizer, LR schedule and step"
+        f" count: checkpoint.load={load_dir} checkpoint.save=NEW_FOLDER -- --finetune",
+        key="parallel.ep",
+    )
+
+
+def _check_distributed_optimizer(saved: argparse.Namespace, new: argparse.Namespace, sharding: str | None,
+                                 load_dir: Path) -> None:
+    """Megatron's own rule (``load_checkpoint``: "(TP, PP) mismatch after resume"), checked before loading."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    sharding = content_metadata.get("distrib_optim_sharding_type")
     tp_pp = (saved.tensor_model_parallel_size, saved.pipeline_model_parallel_size)
-    if (new.use_distributed_optimizer and sharding is not None
-            and sharding not in DistributedOptimizer.checkpoint_fully_reshardable_formats
-            and tp_pp != (new.tensor_model_parallel_size, new.pipeline_model_parallel_size)):
-        raise ConfigError(
-            f"cannot resume {load_dir} under TP {new.tensor_model_parallel_size}, PP"
-            f" {new.pipeline_model_parallel_size}: its distributed-optimizer state ({sharding}) was saved under TP"
-            f" {tp_pp[0]}, PP {tp_pp[1]} and reshards only over data-parallel ranks",
-            fix=f"resume with parallel.tp={tp_pp[0]} parallel.pp={tp_pp[1]}; to change them afterwards, save a"
-            " checkpoint with `-- --dist-ckpt-optim-fully-reshardable` and resume that one",
-            key="parallel.pp",
-        )
+    new_tp_pp = (new.tensor_model_parallel_size, new.pipeline_model_parallel_size)
+    if (not new.use_distributed_optimizer or sharding is None or tp_pp == new_tp_pp
+            or sharding in DistributedOptimizer.checkpoint_fully_reshardable_formats):
+        return
+    raise ConfigError(
+        f"cannot resume {load_dir} under TP {new_tp_pp[0]}, PP {new_tp_pp[1]}: its distributed-optimizer state"
+        f" ({sharding}) was saved under TP {tp_pp[0]}, PP {tp_pp[1]} and reshards only over data-parallel ranks",
+        fix=f"resume with parallel.tp={tp_pp[0]} parallel.pp={tp_pp[1]}; to change them afterwards, save a"
+        " checkpoint with `-- --dist-ckpt-optim-fully-reshardable` and resume that one",
+        key="parallel.pp",
+    )
