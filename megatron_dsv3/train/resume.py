@@ -63,9 +63,18 @@ class Schedule:
     def decays(self) -> bool:
         return self.state["lr_decay_style"] not in ("constant", "inverse-square-root")
 
+    def settings(self) -> dict:
+        """The state without the step count, and without the weight-decay length where the weight
+        decay is constant (it follows train_iters but changes nothing then)."""
+        ignored = {"num_steps"} | ({"wd_incr_steps"} if self.state["wd_incr_style"] == "constant" else set())
+        return {k: v for k, v in self.state.items() if k not in ignored}
+
 
 @dataclass
 class ResumePlan:
+    """What resuming a checkpoint does; :meth:`lines` says it (``check``), the launcher prints the
+    schedule and layout lines before training."""
+
     load_dir: Path
     step: int  # the checkpoint's step; 0: a release checkpoint (weights only)
     consumed: int  # samples consumed by then
@@ -82,7 +91,8 @@ class ResumePlan:
 
     @property
     def schedule_changed(self) -> bool:
-        return self.recipe_schedule is not None and self.recipe_schedule.state != self.checkpoint_schedule.state
+        return (self.recipe_schedule is not None
+                and self.recipe_schedule.settings() != self.checkpoint_schedule.settings())
 
     def lines(self) -> list[str]:
         """What resuming does: the steps, then the schedule and layout lines where they change."""
