@@ -299,7 +299,8 @@ def test_data_sources_map_to_megatron_data_arguments(tmp_path, embedded_data):
     mock = recipe_argv(load_recipe(write(tmp_path, TINY, "mock.yaml")))
     assert mock[mock.index("--mock-data"):][:5] == ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "4096"]
     embedded = load_recipe(write(tmp_path, TINY.replace("source: mock", "source: embedded\n  cache_dir: /c"), "e.yaml"))
-    assert recipe_argv(embedded)[-len(FAKE_DATA_ARGS) - 2:-2] == FAKE_DATA_ARGS
+    argv = recipe_argv(embedded)
+    assert argv[argv.index("--data-path"):][:len(FAKE_DATA_ARGS)] == FAKE_DATA_ARGS
     assert embedded_data == ["/c"]
     files = TINY.replace("source: mock", "source: files\n  paths: [0.3, /d/a, 0.7, /d/b]\n  tokenizer_type: GPT2BPETokenizer")
     argv = recipe_argv(load_recipe(write(tmp_path, files, "f.yaml")))
