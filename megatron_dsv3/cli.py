@@ -100,13 +100,14 @@ def _check_resume(report) -> None:
     """What resuming the recipe's ``checkpoint.load`` does, when it holds a run (or why it cannot)."""
     from megatron_dsv3.args.compose import recipe_argv
     from megatron_dsv3.train.checkpoints import resume_step
-    from megatron_dsv3.train.resume import plan_resume
 
     recipe = report.recipe
     try:
         step = resume_step(recipe.checkpoint.load)
         if step is None:
             return
+        from megatron_dsv3.train.resume import plan_resume  # lazy: imports megatron.training (seconds)
+
         plan = plan_resume(recipe, recipe_argv(recipe, report.world_size), report.world_size, step)
     except ConfigError as err:
         report.error = err

@@ -127,7 +127,7 @@ def _resume_plan(p: TrainPlan):
     """What resuming does (None: nothing to resume, or a format not read ahead); refusals raise."""
     if p.resume_from is None:
         return None
-    from megatron_dsv3.train.resume import plan_resume
+    from megatron_dsv3.train.resume import plan_resume  # lazy: imports megatron.training (seconds), for resumes only
 
     return plan_resume(p.recipe, p.argv, p.nproc, p.resume_from)
 

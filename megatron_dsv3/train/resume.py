@@ -28,7 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.training import global_vars, training
+
+from megatron_dsv3.args.compose import preset_from_args
+from megatron_dsv3.args.settings import parse_megatron_args
+from megatron_dsv3.cpu import cpu_mode
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.parallel.layout import SCHEDULE_NAMES
+from megatron_dsv3.parallel.placement import default_schedule
 from megatron_dsv3.train.checkpoints import TRACKER, step_folder
 
 KEEP_KEY = "checkpoint.use_checkpoint_opt_param_scheduler"
@@ -192,8 +201,6 @@ def read_common_state(load_dir: Path, step: int) -> dict | None:
     folder = load_dir / "release" if release else step_folder(load_dir, step)
     if not (folder / "metadata.json").exists() or '"torch_dist"' not in (folder / "metadata.json").read_text():
         return None
-    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
-
     try:
         with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": intended
             warnings.simplefilter("ignore")
@@ -208,9 +215,6 @@ def read_common_state(load_dir: Path, step: int) -> dict | None:
 
 def requested_args(argv: list[str], world_size: int) -> argparse.Namespace:
     """Megatron's arguments for ``argv`` as the workers will parse them (CPU mode only while parsing)."""
-    from megatron_dsv3.args.settings import parse_megatron_args
-    from megatron_dsv3.cpu import cpu_mode
-
     try:
         with cpu_mode() if "--dsv3-cpu" in argv else contextlib.nullcontext():
             return parse_megatron_args(argv, world_size=world_size)
@@ -225,8 +229,6 @@ def requested_args(argv: list[str], world_size: int) -> argparse.Namespace:
 def loaded_scheduler(args: argparse.Namespace, saved_state: dict, *, keep_checkpoint: bool):
     """Megatron's scheduler as the worker builds it (``get_optimizer_param_scheduler``) and then
     loads the checkpoint's state into it; and the arguments it read (it fills ``lr_decay_iters``)."""
-    from megatron.training import global_vars, training
-
     args = copy.copy(args)
     args.use_checkpoint_opt_param_scheduler, args.override_opt_param_scheduler = keep_checkpoint, not keep_checkpoint
     previous = global_vars._GLOBAL_ARGS  # noqa: SLF001  (restored below; the launcher sets none)
@@ -287,8 +289,6 @@ def _schedules(new: argparse.Namespace, saved_state: dict) -> tuple[Schedule, Sc
 
 def check_model(recipe, saved_args: argparse.Namespace, load_dir: Path) -> None:
     """The checkpoint holds the recipe's model (the dimensions that decide parameter shapes)."""
-    from megatron_dsv3.args.compose import preset_from_args
-
     fix = ("give this model its own folder (checkpoint.save=runs/NAME checkpoint.load=runs/NAME), or set the"
            " model back to the checkpoint's")
     try:
@@ -305,9 +305,6 @@ def check_model(recipe, saved_args: argparse.Namespace, load_dir: Path) -> None:
 
 def layout_of(args: argparse.Namespace) -> dict[str, object]:
     """The parallel sizes and pipeline schedule the arguments describe, by the names users see."""
-    from megatron_dsv3.parallel.layout import SCHEDULE_NAMES
-    from megatron_dsv3.parallel.placement import default_schedule
-
     pp, vpp = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size
     layout = getattr(args, "pipeline_model_parallel_layout", None)
     schedule = getattr(args, "pipeline_schedule", None) or default_schedule(
@@ -358,8 +355,6 @@ def _check_expert_optimizer(saved: argparse.Namespace, new: argparse.Namespace, 
 def _check_distributed_optimizer(saved: argparse.Namespace, new: argparse.Namespace, sharding: str | None,
                                  load_dir: Path) -> None:
     """Megatron's own rule (``load_checkpoint``: "(TP, PP) mismatch after resume"), checked before loading."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     tp_pp = (saved.tensor_model_parallel_size, saved.pipeline_model_parallel_size)
     new_tp_pp = (new.tensor_model_parallel_size, new.pipeline_model_parallel_size)
     if (not new.use_distributed_optimizer or sharding is None or tp_pp == new_tp_pp
