@@ -98,8 +98,8 @@ def cmd_check(ns: argparse.Namespace) -> int:
 
 def _check_resume(report) -> None:
     """What resuming the recipe's ``checkpoint.load`` does, when it holds a run (or why it cannot)."""
-    from megatron_dsv3.args.compose import recipe_argv
-    from megatron_dsv3.train.checkpoints import resume_step
+    from megatron_dsv3.args.compose import recipe_argv  # lazy: each command imports what it runs
+    from megatron_dsv3.train.checkpoints import resume_step  # lazy: as above
 
     recipe = report.recipe
     try:

@@ -17,7 +17,7 @@ import dataclasses
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.presets import PRESETS, ModelPreset, get_preset
 from megatron_dsv3.parallel.layout import ParallelLayout
-from megatron_dsv3.recipe.check import validate_recipe
+from megatron_dsv3.recipe.check import SCHEDULER_FLAGS, validate_recipe
 from megatron_dsv3.recipe.schema import ModelSection, ParallelSection, Recipe, TrainingSection
 
 
@@ -34,7 +34,6 @@ def recipe_argv(recipe: Recipe, world_size: int | None = None) -> list[str]:
     argv += data_args(recipe)
     argv += checkpoint_args(recipe.checkpoint)
     argv += logging_args(recipe) + profiling_args(recipe.profiling)
-    refuse_scheduler_flags(recipe.extra_args, where=recipe.where("megatron_args"))
     return argv + [str(a) for a in recipe.extra_args]
 
 
@@ -301,25 +300,8 @@ def data_args(recipe: Recipe) -> list[str]:
     return argv + ["--split", d.split]
 
 
-# Megatron's two answers to "the schedule differs from the checkpoint's" (without either it asserts).
-SCHEDULER_FLAGS = {True: "--use-checkpoint-opt_param-scheduler", False: "--override-opt_param-scheduler"}
-
-
-def refuse_scheduler_flags(extra: list, *, where: str | None) -> None:
-    """Raw arguments that name either scheduler flag: the recipe key says it (Megatron asserts if
-    both flags reach it)."""
-    named = [str(a) for a in extra if str(a).replace("opt-param", "opt_param") in SCHEDULER_FLAGS.values()]
-    if named:
-        raise ConfigError(f"{named[0]} among the raw Megatron arguments: the recipe already passes one of"
-                          f" {' / '.join(SCHEDULER_FLAGS.values())}",
-                          fix="drop it and set checkpoint.use_checkpoint_opt_param_scheduler: true (keep the"
-                          " checkpoint's schedule) or false (the recipe's, the default)",
-                          key="checkpoint.use_checkpoint_opt_param_scheduler", where=where)
-
-
 def checkpoint_args(c) -> list[str]:
-    """Save, load, format, and which LR schedule a resumed run follows: the recipe's (so that a
-    longer ``train_iters`` extends the run) unless ``use_checkpoint_opt_param_scheduler``."""
+    """Save, load, format, and whose LR schedule a resumed run follows (the recipe's: a longer run extends)."""
     argv = _opt("--save", c.save) + _opt("--save-interval", c.save_interval) + _opt("--load", c.load)
     return argv + ["--ckpt-format", c.format, SCHEDULER_FLAGS[c.use_checkpoint_opt_param_scheduler]]
 

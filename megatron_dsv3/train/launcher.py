@@ -46,8 +46,9 @@ def plan(recipe_name: str | None, overrides: list[str], nproc: int | None, extra
     """
     import torch
 
-    from megatron_dsv3.args.compose import recipe_argv, refuse_scheduler_flags
+    from megatron_dsv3.args.compose import recipe_argv
     from megatron_dsv3.recipe import load_recipe
+    from megatron_dsv3.recipe.check import refuse_scheduler_flags  # lazy: as the two above (torch, at run time)
 
     overrides = list(overrides)
     if recipe_name is None and torch.cuda.is_available():
