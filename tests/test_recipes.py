@@ -259,6 +259,16 @@ def test_args_start_with_spec_and_end_with_the_raw_megatron_args(tmp_path):
     assert "--dsv3-cpu" in argv and "--bf16" not in argv
 
 
+def test_a_raw_scheduler_flag_is_refused_for_the_recipe_key_that_says_it(tmp_path):
+    # The recipe passes --override-opt_param-scheduler (or --use-checkpoint-...); Megatron asserts on both.
+    assert "--override-opt_param-scheduler" in recipe_argv(load_recipe(write(tmp_path, TINY)))
+    path = write(tmp_path, TINY + "megatron_args: [--use-checkpoint-opt-param-scheduler]\n")
+    with pytest.raises(ConfigError) as err:
+        recipe_argv(load_recipe(path))
+    assert "checkpoint.use_checkpoint_opt_param_scheduler: true" in err.value.fix
+    assert err.value.key == "checkpoint.use_checkpoint_opt_param_scheduler" and "broken.yaml" in str(err.value)
+
+
 def test_layout_string_replaces_the_virtual_stage_flag():
     """validate_args: at most one of --num-virtual-stages-per-pipeline-rank and --pipeline-model-parallel-layout."""
     argv = recipe_argv(load_recipe("deepseek-v3-671b-h100-1024"))
@@ -289,7 +299,8 @@ def test_data_sources_map_to_megatron_data_arguments(tmp_path, embedded_data):
     mock = recipe_argv(load_recipe(write(tmp_path, TINY, "mock.yaml")))
     assert mock[mock.index("--mock-data"):][:5] == ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "4096"]
     embedded = load_recipe(write(tmp_path, TINY.replace("source: mock", "source: embedded\n  cache_dir: /c"), "e.yaml"))
-    assert recipe_argv(embedded)[-len(FAKE_DATA_ARGS) - 2:-2] == FAKE_DATA_ARGS
+    argv = recipe_argv(embedded)
+    assert argv[argv.index("--data-path"):][:len(FAKE_DATA_ARGS)] == FAKE_DATA_ARGS
     assert embedded_data == ["/c"]
     files = TINY.replace("source: mock", "source: files\n  paths: [0.3, /d/a, 0.7, /d/b]\n  tokenizer_type: GPT2BPETokenizer")
     argv = recipe_argv(load_recipe(write(tmp_path, files, "f.yaml")))

@@ -17,7 +17,7 @@ import dataclasses
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.presets import PRESETS, ModelPreset, get_preset
 from megatron_dsv3.parallel.layout import ParallelLayout
-from megatron_dsv3.recipe.check import validate_recipe
+from megatron_dsv3.recipe.check import SCHEDULER_FLAGS, validate_recipe
 from megatron_dsv3.recipe.schema import ModelSection, ParallelSection, Recipe, TrainingSection
 
 
@@ -301,8 +301,9 @@ def data_args(recipe: Recipe) -> list[str]:
 
 
 def checkpoint_args(c) -> list[str]:
+    """Save, load, format, and whose LR schedule a resumed run follows (the recipe's: a longer run extends)."""
     argv = _opt("--save", c.save) + _opt("--save-interval", c.save_interval) + _opt("--load", c.load)
-    return argv + ["--ckpt-format", c.format]
+    return argv + ["--ckpt-format", c.format, SCHEDULER_FLAGS[c.use_checkpoint_opt_param_scheduler]]
 
 
 # ---- logging ----

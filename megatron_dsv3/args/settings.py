@@ -305,8 +305,9 @@ def attach_model_options(config, args: argparse.Namespace):
     return attach_options(config, model_options(getattr(args, "dsv3_fp8_plan", None)))
 
 
-def parse_megatron_args(argv: list[str], *, quiet: bool = True) -> argparse.Namespace:
-    """Megatron's ``parse_args`` + ``validate_args`` on ``argv`` (not ``sys.argv``), plus our options."""
+def parse_megatron_args(argv: list[str], *, quiet: bool = True, world_size: int | None = None) -> argparse.Namespace:
+    """Megatron's ``parse_args`` + ``validate_args`` on ``argv`` (not ``sys.argv``), plus our options;
+    ``world_size``: as a job of that many processes sees them (default: ``$WORLD_SIZE``, else 1)."""
     from megatron.training.arguments import parse_args, validate_args
 
     from megatron_dsv3.args.options import add_dsv3_arguments
@@ -317,6 +318,8 @@ def parse_megatron_args(argv: list[str], *, quiet: bool = True) -> argparse.Name
         args = parse_args(extra_args_provider=add_dsv3_arguments)
     finally:
         sys.argv = saved
+    if world_size is not None:
+        args.world_size, args.rank = world_size, 0
     apply_plugin_options(args)
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         validate_args(args, {})

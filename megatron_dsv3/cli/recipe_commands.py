@@ -75,8 +75,31 @@ def cmd_check(ns: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"megatron-dsv3: error: {err}", file=sys.stderr)
         return 1
+    if report.error is None:
+        _check_resume(report)
     print(report.render())
     return 0 if report.ok else 1
+
+
+def _check_resume(report) -> None:
+    """What resuming the recipe's ``checkpoint.load`` does, when it holds a run (or why it cannot)."""
+    # lazy: the composer imports torch; only `check` needs it
+    from megatron_dsv3.args.compose import recipe_argv
+    from megatron_dsv3.train.checkpoints import resume_step
+
+    recipe = report.recipe
+    try:
+        step = resume_step(recipe.checkpoint.load)
+        if step is None:
+            return
+        from megatron_dsv3.train.resume import plan_resume  # lazy: imports megatron.training (seconds)
+
+        plan = plan_resume(recipe, recipe_argv(recipe, report.world_size), report.world_size, step)
+    except ConfigError as err:
+        report.error = err
+        return
+    report.resume = plan.lines() if plan is not None else [
+        f"from step {step} of {recipe.checkpoint.load} (its format is not read ahead: schedule and layout unchecked)"]
 
 
 def add_schedule_parser(sub) -> None:

@@ -191,7 +191,25 @@ def _check_recompute(recipe) -> None:
                         "use backend: transformer_engine, or drop layernorm (mla_up_proj works on both)")
 
 
+# Megatron's two answers to "the schedule differs from the checkpoint's" (without either it asserts);
+# args/compose.py passes the one checkpoint.use_checkpoint_opt_param_scheduler names.
+SCHEDULER_FLAGS = {True: "--use-checkpoint-opt_param-scheduler", False: "--override-opt_param-scheduler"}
+
+
+def refuse_scheduler_flags(extra: list, *, where: str | None) -> None:
+    """Raw arguments that name either scheduler flag: the recipe key says it (Megatron asserts if
+    both flags reach it)."""
+    named = [str(a) for a in extra if str(a).replace("opt-param", "opt_param") in SCHEDULER_FLAGS.values()]
+    if named:
+        raise ConfigError(f"{named[0]} among the raw Megatron arguments: the recipe already passes one of"
+                          f" {' / '.join(SCHEDULER_FLAGS.values())}",
+                          fix="drop it and set checkpoint.use_checkpoint_opt_param_scheduler: true (keep the"
+                          " checkpoint's schedule) or false (the recipe's, the default)",
+                          key="checkpoint.use_checkpoint_opt_param_scheduler", where=where)
+
+
 def _check_data_and_checkpoint(recipe) -> None:
+    refuse_scheduler_flags(recipe.extra_args, where=recipe.where("megatron_args"))
     d = recipe.data
     if d.source == "files":
         if not d.paths:

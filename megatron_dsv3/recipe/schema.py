@@ -139,6 +139,9 @@ class CheckpointSection:
     save_interval: int | None = key(None, "steps between checkpoints (--save-interval)")
     format: str = key("torch_dist", "checkpoint format (--ckpt-format)",
                       choices=("torch", "torch_dist", "torch_dcp", "fsdp_dtensor"))
+    use_checkpoint_opt_param_scheduler: bool = key(
+        False, "on resume, keep the checkpoint's LR and weight-decay schedule (--use-checkpoint-opt_param-scheduler);"
+        " false: the recipe's replaces it (--override-opt_param-scheduler), e.g. a longer train_iters")
 
 
 @dataclass
