@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from megatron_dsv3 import data
+from megatron_dsv3.args.options import FP8_OVERRIDES, option_flag
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.model.backends import resolve_backend
 from megatron_dsv3.model.presets import PRESETS, ModelPreset, get_preset
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.recipe.check import SCHEDULER_FLAGS, validate_recipe
@@ -49,8 +52,6 @@ def plugin_args(backend: str, *, cpu: bool) -> list[str]:
 
 def fp8_args(recipe: Recipe) -> list[str]:
     """The ``fp8:`` section as the plugin's ``--dsv3-fp8*`` options (docs/fp8.md); none without FP8."""
-    from megatron_dsv3.args.options import FP8_OVERRIDES, option_flag
-
     section = recipe.fp8
     if section.recipe is None:
         return []
@@ -290,8 +291,6 @@ def recompute_args(rc) -> list[str]:
 def data_args(recipe: Recipe) -> list[str]:
     d = recipe.data
     if d.source == "embedded":
-        from megatron_dsv3 import data
-
         return [str(a) for a in data.default_data_args(cache_dir=d.cache_dir)]
     if d.source == "mock":
         return ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(recipe.preset.vocab_size)]
@@ -389,8 +388,6 @@ def megatron_argv(
 
         cpu = not torch.cuda.is_available()
     if backend == "transformer_engine":
-        from megatron_dsv3.model.backends import resolve_backend
-
         resolve_backend(backend)  # raises the explanatory error where TE cannot run
     recipe = preset_recipe(preset, layout, backend=backend, cpu=cpu, micro_batch_size=micro_batch_size,
                            extra=extra)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.fp8.support import gpu_capability, refusals, resolve_fp8_backend
-from megatron_dsv3.model.backends import planned_backend, transformer_engine_status
+from megatron_dsv3.model import backends
+from megatron_dsv3.model.backends import planned_backend
 from megatron_dsv3.model.validation import validate
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.parallel.placement import place
@@ -280,7 +281,7 @@ def _check_fp8(recipe, layout: ParallelLayout) -> None:
         model_backend = "transformer_engine"  # auto on a GPU: checked as the backend FP8 would run on
     backend = resolve_fp8_backend(section.backend, model_backend=model_backend, on_cpu=recipe.is_cpu)
     # Transformer Engine comes with its model backend; without it, only if it imports on this machine.
-    te = None if model_backend == "transformer_engine" else transformer_engine_status()
+    te = None if model_backend == "transformer_engine" else backends.transformer_engine_status()
     found = refusals(fp8, backend, model_backend=model_backend, device=recipe.hardware.device,
                      capability=gpu_capability(recipe.hardware.gpu), tp=layout.tp, pp=layout.pp,
                      use_distributed_optimizer=recipe.training.use_distributed_optimizer,

@@ -21,7 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_dsv3.args.compose import recipe_argv
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.parallel.layout import SCHEDULE_NAMES
+from megatron_dsv3.parallel.placement import default_schedule
+from megatron_dsv3.recipe import load_recipe
+from megatron_dsv3.recipe.sizes import parallel_layout
 from megatron_dsv3.train.checkpoints import FolderLock, resume_step, step_folder
 from megatron_dsv3.train.processes import die_with_parent, free_port
 
@@ -46,8 +51,6 @@ def plan(recipe_name: str | None, overrides: list[str], nproc: int | None, extra
     """
     import torch
 
-    from megatron_dsv3.args.compose import recipe_argv
-    from megatron_dsv3.recipe import load_recipe
     from megatron_dsv3.recipe.check import refuse_scheduler_flags  # lazy: as the two above (torch, at run time)
 
     overrides = list(overrides)
@@ -83,10 +86,6 @@ def plan(recipe_name: str | None, overrides: list[str], nproc: int | None, extra
 
 def _parallelism(p: TrainPlan) -> str:
     """`` (PP 2, DualPipeV, EP 2)``: the sizes above 1 and the pipeline schedule, if any."""
-    from megatron_dsv3.parallel.layout import SCHEDULE_NAMES
-    from megatron_dsv3.parallel.placement import default_schedule
-    from megatron_dsv3.recipe.sizes import parallel_layout
-
     lay = parallel_layout(p.recipe, p.nproc)
     parts = [f"{name} {size}" for name, size in (("TP", lay.tp), ("PP", lay.pp), ("EP", lay.ep), ("CP", lay.cp))
              if size > 1]
@@ -224,6 +223,7 @@ def _summary(p: TrainPlan, metrics_path: Path, since: float) -> None:
 def run_under_torchrun(train_plan: TrainPlan) -> None:
     """This process was started by torchrun: be one of the workers (refused here, before loading,
     where :func:`run` would refuse; rank 0 prints how the schedule and layout change)."""
+    # lazy: the worker imports Megatron's training code; the launcher that only starts workers must not.
     from megatron_dsv3.train import worker
 
     resume = _resume_plan(train_plan)
