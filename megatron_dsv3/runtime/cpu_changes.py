@@ -503,3 +503,62 @@ def cpu_runs_skip_compilation_and_cuda_settings():
     replace_attribute(torch._dynamo.config, "disable", True, label="torch._dynamo.config.disable")
     if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") is None:
         set_environment("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
+# Megatron tells a parameter's precision by its legacy type string; CUDA ones are the only accepted.
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+@contextlib.contextmanager
+def _cpu_parameters_report_cuda_types():
+    """While open, ``param.type()`` (no argument) of an fp32/fp16/bf16 CPU ``Parameter`` answers
+    the CUDA type name of its dtype; any other call, tensor or dtype answers as before."""
+    parameter = torch.nn.Parameter
+    own = parameter.__dict__.get("type")
+    tensor_type = torch.Tensor.type
+
+    def type_name(self, *args, **kwargs):
+        if not args and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        return tensor_type(self, *args, **kwargs)
+
+    parameter.type = type_name
+    try:
+        yield
+    finally:
+        if own is None:
+            del parameter.type
+        else:
+            parameter.type = own
+
+
+@megatron_change(
+    targets=["megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__"],
+    versions="megatron-core 0.19.x",
+    fixed_upstream_when="Float16OptimizerWithFloat16Params sorts parameters by dtype rather than by the "
+    "type strings 'torch.cuda.BFloat16Tensor' / 'torch.cuda.FloatTensor'",
+)
+def mixed_precision_optimizer_takes_cpu_parameters():
+    """Megatron's BF16 optimizer (fp32 master weights) accepts the CPU model's parameters.
+
+    With ``--bf16`` (and without the distributed optimizer) Megatron wraps Adam in
+    ``Float16OptimizerWithFloat16Params``, whose constructor gives every bf16/fp16 parameter an
+    fp32 master copy and keeps fp32 ones as they are, telling them apart by ``param.type()``: only
+    ``torch.cuda.{BFloat16,Half,Float}Tensor`` are accepted, anything else is a TypeError.  During
+    the constructor, a CPU parameter of one of those three dtypes reports the CUDA type name of its
+    dtype, so it is sorted exactly as on a GPU; a parameter of any other dtype (float64) still
+    raises the same TypeError.  Everything after construction (gradient copies, the step, the copy
+    of master weights back to the bf16 parameters) already runs on CPU tensors.
+    """
+    init = original("megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__")
+
+    @functools.wraps(init)
+    def init_with_cpu_parameters(self, *args, **kwargs):
+        with _cpu_parameters_report_cuda_types():
+            init(self, *args, **kwargs)
+
+    replace("megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__", init_with_cpu_parameters)
