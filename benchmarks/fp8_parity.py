@@ -80,6 +80,7 @@ def fp8_args(variant: str, device: str, num_layers: int) -> tuple[tuple[str, ...
     which moments it runs with, and why (empty when there is nothing to explain)."""
     from megatron_dsv3.fp8.recipes import named_recipe
     from megatron_dsv3.fp8.support import refusals
+    from megatron_dsv3.model.backends import transformer_engine_status
 
     name, moments = FP8[variant]
     recipe = named_recipe(name)
@@ -88,9 +89,11 @@ def fp8_args(variant: str, device: str, num_layers: int) -> tuple[tuple[str, ...
     if moments == "fp32":
         return args, False, "fp32", "" if recipe.moments == "fp32" else f"(the recipe's are {recipe.moments})"
     # The harness's optimizer is Megatron's non-distributed one, so `refusals` always finds a reason.
+    te = transformer_engine_status()
     found = [r for r in refusals(recipe.with_overrides(moments=moments), "emulated", model_backend="local",
-                                 device=device, capability=None, tp=1, use_distributed_optimizer=False,
-                                 num_layers=num_layers) if r.key == "fp8.moments"]
+                                 device=device, capability=None, tp=1, pp=1, use_distributed_optimizer=False,
+                                 num_layers=num_layers, te_usable=te.usable, te_reason=te.reason)
+             if r.key == "fp8.moments"]
     why = found[0].problem if found else "the benchmark's optimizer is Megatron's non-distributed one"
     return args, True, "bf16 (emulated)", (f"Megatron's way cannot run here ({why}); fp32 moments rounded to"
                                             " bf16 after every step instead, what FusedAdam's exp_avg_dtype=bf16 stores")
