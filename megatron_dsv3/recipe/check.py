@@ -155,9 +155,6 @@ def _check_device(recipe) -> None:
     if recipe.backend == "transformer_engine":
         raise _fail(recipe, "backend", "backend=transformer_engine with hardware.device=cpu: Transformer"
                     " Engine needs a GPU", "set backend: local (or auto)")
-    if recipe.precision != "fp32":
-        raise _fail(recipe, "precision", f"precision={recipe.precision} with hardware.device=cpu: Megatron's"
-                    " bf16 path asserts CUDA tensors", "set precision: fp32")
     if recipe.training.use_distributed_optimizer:
         raise _fail(recipe, "training.use_distributed_optimizer",
                     "training.use_distributed_optimizer=true with hardware.device=cpu: Megatron's"
