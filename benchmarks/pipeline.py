@@ -65,12 +65,14 @@ def simulated_671b() -> None:
     print(f"\nWith the data-parallel gradient reduction (fp32, DP {reduction.dp}, expert DP {reduction.expert_dp},"
           f" {'reduce-scatter' if reduction.distributed_optimizer else 'all-reduce'}; DualPipe all-reduces each"
           f" stage over its two copies and their DP ranks), forward/backward pairs overlapped where the schedule"
-          f" can; one share's reduction {reduction.share_ms('1f1b'):.0f} ms (DualPipe {reduction.share_ms('dualpipe'):.0f}):")
+          f" can; one share's reduction {reduction.share_ms('1f1b'):.0f} ms"
+          f" (DualPipe {reduction.share_ms('dualpipe'):.0f}):")
     steps = {}
     print(f"{'schedule':<22}{'pipeline ms':>12}{'reduce ms/chunk':>17}{'+ reduce after':>16}{'+ overlapped':>14}")
     for r in results[True]:
         t = r.timeline
-        steps[r.schedule] = (t.step_time, step_with_reduction(t, reduction, False), step_with_reduction(t, reduction, True))
+        steps[r.schedule] = (t.step_time, step_with_reduction(t, reduction, False),
+                             step_with_reduction(t, reduction, True))
         print(f"{compare.NAMES[r.schedule]:<22}{t.step_time:>12,.0f}{chunk_ms(t, reduction):>17,.0f}"
               f"{steps[r.schedule][1]:>16,.0f}{steps[r.schedule][2]:>14,.0f}")
     for name in ("dualpipe", "dualpipev"):
@@ -80,7 +82,8 @@ def simulated_671b() -> None:
         print(f"{compare.NAMES[name]} throughput against (reduction after / overlapped): {against}")
     plain = {r.schedule: r.timeline.step_time for r in results[False]}
     print(f"Without the forward/backward overlap (the shipped recipe: its `moe` recompute rules out both overlaps):"
-          f" DualPipe vs 1F1B {plain['1f1b'] / plain['dualpipe']:.3f}x, vs ZB1P {plain['zb1p'] / plain['dualpipe']:.3f}x")
+          f" DualPipe vs 1F1B {plain['1f1b'] / plain['dualpipe']:.3f}x,"
+          f" vs ZB1P {plain['zb1p'] / plain['dualpipe']:.3f}x")
 
 
 # ---- measured on CPU ----

@@ -111,16 +111,20 @@ def test_overlapped_grad_reduce_with_the_zero_bubble_split_and_data_parallelism(
     (each chunk's ``no_sync`` ends at its last backward; a deferred weight counts as ready at its
     ``W``), and its loss and gradients equal the single-process run's second step.  Before, DDP's
     hook asserted at the first deferring ``B`` and ``pipeline/constraints.py`` refused the pair.
-    DualPipe's buckets reduce over the two copies and their data-parallel ranks (2 x DP = 4 ranks:
-    the mirror sum inside the reduction, started by the same hooks; before, a separate exchange after
-    ``finalize_model_grads``).  Run with ``pytest -m slow`` (about 10 minutes on 2 busy cores)."""
+    DualPipe's buckets reduce over the two copies and their data-parallel ranks (2 x DP = 4 ranks;
+    with EP 2 its experts' over 2 x expert-DP = 2: the mirror sum inside the reduction, started by the
+    same hooks; before, a separate exchange after ``finalize_model_grads``); with EP 2 the F&B
+    overlap runs too.  Run with ``pytest -m slow`` (about 5 to 10 minutes on 2 busy cores)."""
     from megatron_dsv3.testing import parallel
     from megatron_dsv3.testing.distributed import run_distributed
     from megatron_dsv3.testing.equivalence import _compare
 
     extra = ("--overlap-grad-reduce",)
     layouts = {"dualpipev_pp2_dp2": L(pp=2, dp=2, schedule="dualpipev", zero_bubble=True),
-               "dualpipe_pp2_dp2": L(pp=2, dp=2, schedule="dualpipe", zero_bubble=True)}
+               "dualpipe_pp2_dp2": L(pp=2, dp=2, schedule="dualpipe", zero_bubble=True),
+               # EP 2: the experts' buckets reduce over their own groups, and the F&B overlap is on too.
+               "dualpipe_pp2_dp2_ep2": L(pp=2, dp=2, ep=2, schedule="dualpipe", zero_bubble=True)}
+    mirror_sizes = {"dualpipev_pp2_dp2": {None}, "dualpipe_pp2_dp2": {4}, "dualpipe_pp2_dp2_ep2": {4, 2}}
     tokens = parallel.fixed_tokens(PRESET, 8, seed=0)  # 4 micro-batches per data-parallel rank
     ref = run_distributed(_two_steps, 1, str(tmp_path), "reference", L(), PRESET, tokens, extra, True)[0]
     losses = {}
@@ -130,7 +134,7 @@ def test_overlapped_grad_reduce_with_the_zero_bubble_split_and_data_parallelism(
         assert all(s["overlap_grad_reduce"] for s in steps)
         assert all(not any(s["issued"][0]) and all(s["issued"][1]) for s in steps), [s["issued"] for s in steps]
         sizes = {size for s in steps for size in s["mirror_group_sizes"]}
-        assert sizes == ({4} if layout.schedule == "dualpipe" else {None}), (name, sizes)
+        assert sizes == mirror_sizes[name], (name, sizes)  # 2 x DP, and 2 x expert-DP (1 with EP 2)
         losses[name] = sum(s["loss_sum"] for s in steps) / sum(s["tokens"] for s in steps)
     report = run_distributed(_compare, 1, str(tmp_path), list(layouts), PRESET, extra)[0]
     ref_loss = ref["loss_sum"] / ref["tokens"]
