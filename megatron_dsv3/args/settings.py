@@ -255,7 +255,7 @@ def schedule_options(args: argparse.Namespace) -> ScheduleOptions:
         args.pipeline_schedule, ep=args.expert_model_parallel_size, backend=args.transformer_impl,
         zero_bubble=getattr(args, "dualpipe_zero_bubble", None), fb_overlap=getattr(args, "dualpipe_fb_overlap", None),
         recompute_granularity=args.recompute_granularity, recompute_modules=args.recompute_modules,
-        mtp_num_layers=args.mtp_num_layers or 0, overlap_grad_reduce=bool(getattr(args, "overlap_grad_reduce", False)),
+        mtp_num_layers=args.mtp_num_layers or 0,
     )
 
 
@@ -266,7 +266,13 @@ def attach_placement(config, args: argparse.Namespace):
     if schedule in DEEPSEEK_SCHEDULES and not isinstance(getattr(layout, "placement", None), Placement):
         placement = place(config.num_layers, config.mtp_num_layers or 0, config.pipeline_model_parallel_size,
                           layout=getattr(args, "dsv3_pipeline_layout", None), schedule=schedule)
-        config.pipeline_model_parallel_layout = megatron_layout(placement, schedule_options(args))
+        options = schedule_options(args)
+        config.pipeline_model_parallel_layout = megatron_layout(placement, options)
+        if options.zero_bubble and config.transformer_impl == "transformer_engine":
+            # TE's modules then defer their weight GEMMs and the schedule's W runs them (backward_dw).
+            # Set after the config's checks, which tie the field to Megatron's own overlapped
+            # schedule (overlap_moe_expert_parallel_comm), the one other caller of backward_dw.
+            config.delay_wgrad_compute = True
     return config
 
 

@@ -72,7 +72,8 @@ class ParallelSection:
                                " with vpp", choices=SCHEDULES)
     zero_bubble: bool | None = key(None, "dualpipe/dualpipev: split backwards into input- and weight-gradient"
                                    " parts (--dualpipe-zero-bubble); null = on where it can run (the local"
-                                   " backend, no --overlap-grad-reduce), else off; `check` says which")
+                                   " backend, or Transformer Engine without the F&B overlap), else off; `check`"
+                                   " says which")
     fb_overlap: bool | None = key(None, "dualpipe/dualpipev: overlap paired forwards and backwards"
                                   " (--dualpipe-fb-overlap); null = on where it can run (ep > 1, no full or"
                                   " `moe` recompute, at most one MTP layer), else off; `check` says which")
