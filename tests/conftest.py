@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # Megatron's jit fuser would compile for ~10 s
 
@@ -31,6 +32,19 @@ def gpu_machine(monkeypatch, enabled: bool = True):
         m.setattr(transformer_config, "is_te_min_version", lambda *a, **k: True)  # TE 2.20 (FP8 recipe checks)
         m.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         yield
+
+
+@pytest.fixture(autouse=True)
+def fresh_moe_metrics_tracker():
+    """Megatron's MoE metrics tracker is process-global and sized by the first model that records into it.
+
+    A training loop empties it every step (``report``); a test that only runs a forward does not, and the
+    next test's model (more layers) would index past it.  Each test starts with none.
+    """
+    module = sys.modules.get("megatron.core.transformer.moe.moe_logging")
+    if module is not None:
+        module.destroy_moe_metrics_tracker()
+    yield
 
 
 @pytest.fixture(scope="session")

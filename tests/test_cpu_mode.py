@@ -125,15 +125,15 @@ def test_disable_cpu_mode_puts_back_every_object_it_replaced(cpu_mode_off):
     Megatron's streams made during CPU mode are gone (``get_comm_stream()`` is None again)."""
     from megatron.core.pipeline_parallel import utils as pipeline_utils
 
-    from megatron_dsv3.runtime import cpu_changes
-    from megatron_dsv3.runtime.registry import ENVIRONMENT, changes_in, resolve
+    from megatron_dsv3.runtime.catalog import group_changes
+    from megatron_dsv3.runtime.registry import ENVIRONMENT, resolve
 
     originals = {"zeros": torch.zeros, "Stream": torch.cuda.Stream, "record_stream": torch.Tensor.record_stream}
     imported = types.ModuleType("imported_during_cpu_mode")
     with cpu.cpu_mode():
-        replaced = [(owner, attr, value) for c in changes_in(cpu_changes) for owner, attr, value in c.originals]
+        replaced = [(owner, attr, value) for c in group_changes("cpu") for owner, attr, value in c.originals]
         slots = {(id(owner), attr) for owner, attr, _ in replaced}
-        for change in changes_in(cpu_changes):
+        for change in group_changes("cpu"):
             for target in change.targets:
                 if not target.startswith(("logging.", "environment ")):
                     owner, attr = resolve(target)

@@ -79,10 +79,12 @@ def _two_steps(workdir, name, layout, preset, tokens, extra_args, reference):
     issued by the hooks when ``finalize_model_grads`` began."""
     import os
 
+    from megatron_dsv3.pipeline import mirrors
     from megatron_dsv3.testing import parallel
 
     parallel.init_parallel(layout, preset=preset)
     _, _, chunks = parallel.build_chunks(preset, layout, extra_args=extra_args)
+    mirror_groups = [mirrors.mirror_group(g) for c in chunks for g in c.bucket_groups + c.expert_parallel_bucket_groups]
     weights = os.path.join(workdir, "weights")
     parallel.save_weights(chunks, weights) if reference else parallel.load_weights(chunks, weights)
     config = chunks[0].config
@@ -98,24 +100,31 @@ def _two_steps(workdir, name, layout, preset, tokens, extra_args, reference):
         step = parallel.train_step(chunks, config, tokens, micro_batch_size=1)
     parallel.save_gradients(chunks, os.path.join(workdir, f"grads-{name}"))
     parallel.save_weights(chunks, os.path.join(workdir, f"after-{name}"))
-    return {**step, "issued": issued, "overlap_grad_reduce": chunks[0].ddp_config.overlap_grad_reduce}
+    return {**step, "issued": issued, "overlap_grad_reduce": chunks[0].ddp_config.overlap_grad_reduce,
+            "mirror_group_sizes": [None if g is None else g.size() for g in mirror_groups]}
 
 
 @pytest.mark.slow
-def test_overlapped_grad_reduce_with_data_parallelism(tmp_path):
-    """``--overlap-grad-reduce`` with DP 2 (pp 2 x dp 2, 4 processes): the second step's reductions
-    start from DDP's grad-ready hooks inside the schedule (each chunk's ``no_sync`` ends at its last
-    backward), and its loss and gradients equal the single-process run's second step.  Without the
-    zero-bubble split: with it, DDP's hook fires for a deferred weight with no gradient yet and
-    asserts, so ``pipeline/constraints.py`` refuses that combination.  Run with ``pytest -m slow``
-    (about 3 minutes)."""
+def test_overlapped_grad_reduce_with_the_zero_bubble_split_and_data_parallelism(tmp_path):
+    """``--overlap-grad-reduce`` with the B/W split and DP 2 (pp 2 x dp 2, 4 processes), DualPipeV and
+    DualPipe: the second step's reductions all start from DDP's grad-ready hooks inside the schedule
+    (each chunk's ``no_sync`` ends at its last backward; a deferred weight counts as ready at its
+    ``W``), and its loss and gradients equal the single-process run's second step.  Before, DDP's
+    hook asserted at the first deferring ``B`` and ``pipeline/constraints.py`` refused the pair.
+    DualPipe's buckets reduce over the two copies and their data-parallel ranks (2 x DP = 4 ranks;
+    with EP 2 its experts' over 2 x expert-DP = 2: the mirror sum inside the reduction, started by the
+    same hooks; before, a separate exchange after ``finalize_model_grads``); with EP 2 the F&B
+    overlap runs too.  Run with ``pytest -m slow`` (about 5 to 10 minutes on 2 busy cores)."""
     from megatron_dsv3.testing import parallel
     from megatron_dsv3.testing.distributed import run_distributed
     from megatron_dsv3.testing.equivalence import _compare
 
     extra = ("--overlap-grad-reduce",)
-    layouts = {"dualpipev_pp2_dp2": L(pp=2, dp=2, schedule="dualpipev", zero_bubble=False),
-               "dualpipe_pp2_dp2": L(pp=2, dp=2, schedule="dualpipe", zero_bubble=False)}
+    layouts = {"dualpipev_pp2_dp2": L(pp=2, dp=2, schedule="dualpipev", zero_bubble=True),
+               "dualpipe_pp2_dp2": L(pp=2, dp=2, schedule="dualpipe", zero_bubble=True),
+               # EP 2: the experts' buckets reduce over their own groups, and the F&B overlap is on too.
+               "dualpipe_pp2_dp2_ep2": L(pp=2, dp=2, ep=2, schedule="dualpipe", zero_bubble=True)}
+    mirror_sizes = {"dualpipev_pp2_dp2": {None}, "dualpipe_pp2_dp2": {4}, "dualpipe_pp2_dp2_ep2": {4, 2}}
     tokens = parallel.fixed_tokens(PRESET, 8, seed=0)  # 4 micro-batches per data-parallel rank
     ref = run_distributed(_two_steps, 1, str(tmp_path), "reference", L(), PRESET, tokens, extra, True)[0]
     losses = {}
@@ -124,6 +133,8 @@ def test_overlapped_grad_reduce_with_data_parallelism(tmp_path):
                                 extra, False)
         assert all(s["overlap_grad_reduce"] for s in steps)
         assert all(not any(s["issued"][0]) and all(s["issued"][1]) for s in steps), [s["issued"] for s in steps]
+        sizes = {size for s in steps for size in s["mirror_group_sizes"]}
+        assert sizes == mirror_sizes[name], (name, sizes)  # 2 x DP, and 2 x expert-DP (1 with EP 2)
         losses[name] = sum(s["loss_sum"] for s in steps) / sum(s["tokens"] for s in steps)
     report = run_distributed(_compare, 1, str(tmp_path), list(layouts), PRESET, extra)[0]
     ref_loss = ref["loss_sum"] / ref["tokens"]

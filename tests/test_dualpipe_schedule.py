@@ -100,12 +100,12 @@ def test_options_default_to_zero_bubble_on_local_and_overlap_with_expert_paralle
 
 
 @pytest.mark.parametrize("overrides,words", [
-    (dict(backend="transformer_engine", zero_bubble=True), ["zero-bubble", "--no-dualpipe-zero-bubble"]),
+    (dict(backend="transformer_engine", zero_bubble=True, fb_overlap=True),
+     ["no zero-bubble split on Transformer Engine", "--no-dualpipe-fb-overlap"]),
     (dict(ep=1, fb_overlap=True), ["expert parallelism (ep > 1)", "--no-dualpipe-fb-overlap"]),
     (dict(fb_overlap=True, recompute_granularity="full"), ["no full or `moe` recompute"]),
     (dict(fb_overlap=True, recompute_granularity="selective", recompute_modules=["moe"]), ["`moe` recompute"]),
     (dict(fb_overlap=True, mtp_num_layers=2), ["at most one MTP layer (got 2)"]),
-    (dict(overlap_grad_reduce=True, zero_bubble=True), ["--overlap-grad-reduce", "--no-dualpipe-zero-bubble"]),
 ])
 def test_option_combinations_that_cannot_run_are_refused_with_the_fix(overrides, words):
     with pytest.raises(ConfigError) as err:
@@ -113,17 +113,8 @@ def test_option_combinations_that_cannot_run_are_refused_with_the_fix(overrides,
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
-def test_overlapped_grad_reduce_runs_without_the_zero_bubble_split():
-    """DDP's grad-ready hook cannot wait for a deferred W (see constraints.py); without the split the
-    overlapped reduction is exact (tests/test_dualpipe_equivalence.py, slow)."""
-    assert _options(overlap_grad_reduce=True, zero_bubble=False).zero_bubble is False
-    assert _options(overlap_grad_reduce=True, backend="transformer_engine").zero_bubble is False
-
-
 # Each requirement an option has, as the settings that break it (issue 13, item 3).
 UNMET = [
-    ("zero_bubble", dict(backend="transformer_engine"), "the local backend"),
-    ("zero_bubble", dict(overlap_grad_reduce=True), "no --overlap-grad-reduce"),
     ("fb_overlap", dict(ep=1), "expert parallelism (ep > 1)"),
     ("fb_overlap", dict(recompute_granularity="full"), "no full or `moe` recompute (here full)"),
     ("fb_overlap", dict(recompute_granularity="selective", recompute_modules=["layernorm", "moe"]),
@@ -152,10 +143,26 @@ def test_a_default_passes_the_checks_an_explicit_value_does_and_resolves_off_nam
 
 
 def test_the_overlap_default_with_moe_recompute_and_expert_parallelism_is_off():
-    """The 671B H800 recipe's case (EP 64, recompute [layernorm, mla_up_proj, moe]) through the plain API."""
+    """The 671B H800 recipe's case (EP 64, recompute [layernorm, mla_up_proj, moe]) through the plain API:
+    no F&B overlap, so Transformer Engine's deferred weight GEMMs give the zero-bubble split."""
     options = _options(ep=64, backend="transformer_engine", recompute_granularity="selective",
                        recompute_modules=["layernorm", "mla_up_proj", "moe"])
-    assert (options.zero_bubble, options.fb_overlap) == (False, False)
+    assert (options.zero_bubble, options.fb_overlap) == (True, False)
+
+
+def test_on_transformer_engine_the_split_gives_way_to_the_overlap_unless_asked_for():
+    """Megatron's overlapped step runs TE's deferred weight GEMMs inside the pair, so on TE the split and
+    the F&B overlap exclude each other: by default the overlap wins (it hides the all-to-all), an
+    explicit split turns the overlap's default off, asking for both is an error naming the fix."""
+    te = dict(backend="transformer_engine")
+    both = decide_options("dualpipev", **{**dict(ep=2, zero_bubble=None, fb_overlap=None, recompute_granularity=None,
+                                                 recompute_modules=None, mtp_num_layers=1), **te})
+    assert (both.options.zero_bubble, both.options.fb_overlap) == (False, True)
+    assert both.why["zero_bubble"] == "off (default: needs no F&B overlap on Transformer Engine)"
+    assert (_options(zero_bubble=True, **te).zero_bubble, _options(zero_bubble=True, **te).fb_overlap) == (True, False)
+    assert _options(fb_overlap=False, **te).zero_bubble is True
+    with pytest.raises(ConfigError, match="no zero-bubble split on Transformer Engine"):
+        _options(zero_bubble=True, fb_overlap=True, **te)
 
 
 @pytest.mark.parametrize("schedule,pp,m,peak", [("dualpipe", 4, 8, 5), ("dualpipe", 8, 16, 9),
@@ -236,7 +243,10 @@ def test_schedule_on_a_recipe_uses_its_sizes_and_cost_model():
     # The recipe keeps its `moe` recompute, so its DualPipe runs without the overlap (fb_overlap: false).
     assert (data["pp"], data["ep"], data["microbatches"], data["fb_overlap"]) == (16, 64, 120, False)
     step = {s["schedule"]: s.get("step_time") for s in data["schedules"]}
-    assert step["interleaved"] is None  # 120 micro-batches are not a multiple of 16: skipped, with the reason
+    # 120 micro-batches are not a multiple of 16: Megatron's interleaved orders need a micro-batch group
+    # of 20 (--microbatch-group-size-per-virtual-pipeline-stage), the smallest it accepts for them.
+    groups = {s["schedule"]: s.get("microbatch_group") for s in data["schedules"]}
+    assert groups["interleaved"] == groups["combined_1f1b"] == 20 and step["interleaved"] < step["1f1b"]
     assert step["dualpipe"] < step["zb1p"] < step["1f1b"]
 
 
@@ -315,8 +325,6 @@ def test_megatron_arguments_carry_the_schedule_and_its_resolved_options(monkeypa
     (["--pipeline-schedule", "dualpipe", "--log-params-norm"], ["--log-params-norm", "dualpipev"]),
     (["--pipeline-schedule", "dualpipev", "--dualpipe-fb-overlap"], ["expert parallelism (ep > 1)"]),
     (["--dualpipe-zero-bubble"], ["dualpipe"]),
-    (["--pipeline-schedule", "dualpipev", "--overlap-grad-reduce", "--dualpipe-zero-bubble"],
-     ["--overlap-grad-reduce", "--no-dualpipe-zero-bubble"]),
 ])
 def test_megatron_arguments_the_schedule_cannot_run_are_refused(monkeypatch, extra, words):
     with pytest.raises(ConfigError) as err:
@@ -324,9 +332,11 @@ def test_megatron_arguments_the_schedule_cannot_run_are_refused(monkeypatch, ext
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
-@pytest.mark.parametrize("extra", [["--no-dualpipe-zero-bubble"], []], ids=["split off", "split left to default"])
-def test_megatron_arguments_overlap_grad_reduce_without_the_split_are_accepted(monkeypatch, extra):
+@pytest.mark.parametrize("extra", [["--dualpipe-zero-bubble"], []], ids=["split asked for", "split left to default"])
+def test_megatron_arguments_overlap_grad_reduce_keeps_the_zero_bubble_split(monkeypatch, extra):
+    """``--overlap-grad-reduce`` and the B/W split run together (DDP counts a deferred weight as ready
+    at its W: ``runtime/ddp_changes.py``); before, the split was refused or resolved off."""
     from megatron_dsv3.args.settings import schedule_options
 
     args = _parse(monkeypatch, "--pipeline-schedule", "dualpipev", "--overlap-grad-reduce", *extra)
-    assert args.overlap_grad_reduce and schedule_options(args).zero_bubble is False
+    assert args.overlap_grad_reduce and schedule_options(args).zero_bubble is True

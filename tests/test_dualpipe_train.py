@@ -47,3 +47,29 @@ def test_a_dualpipev_checkpoint_resumes_under_dualpipev_and_under_1f1b_alike(sto
     assert sorted(plain) == [5, 6, 7, 8]
     for step in (5, 6, 7, 8):
         assert plain[step] == pytest.approx(v[step], rel=1e-6), step
+
+
+@pytest.mark.slow
+def test_dualpipe_resumed_from_its_checkpoint_repeats_the_uninterrupted_losses(tmp_path):
+    """DualPipe on 2 processes (each rank a stage and a copy of the other's) through ``megatron-dsv3
+    train``, Megatron's own loop, with ``--overlap-grad-reduce`` and the B/W split, Adam, gradient
+    clipping and the expert-bias update: 8 steps with checkpoints at 4 and 8, then the checkpoint of
+    step 4 resumed under DualPipe: steps 5-8 give the uninterrupted run's losses.  Run with
+    ``pytest -m slow`` (about 5 minutes)."""
+    dualpipe = ("parallel.pp=2", "parallel.schedule=dualpipe", "parallel.zero_bubble=true", "training.train_iters=8",
+                "checkpoint.save_interval=4")
+    overlap = ("--overlap-grad-reduce",)
+    uninterrupted = tmp_path / "uninterrupted"
+    result = _train(uninterrupted, *dualpipe, nproc=2, extra=overlap)
+    assert "(PP 2, DualPipe)" in result.stdout
+    resumed = tmp_path / "resumed"
+    shutil.copytree(uninterrupted, resumed)
+    (resumed / "metrics.jsonl").unlink()
+    shutil.rmtree(resumed / "iter_0000008")
+    (resumed / "latest_checkpointed_iteration.txt").write_text("4")
+    assert "resuming from step 4" in _train(resumed, *dualpipe, nproc=2, extra=overlap).stdout
+    before, after = _losses(uninterrupted), _losses(resumed)
+    assert sorted(before) == list(range(1, 9)) and sorted(after) == [5, 6, 7, 8]
+    assert before[8] < before[1]
+    for step in (5, 6, 7, 8):
+        assert after[step] == pytest.approx(before[step], rel=1e-6), (step, after[step], before[step])

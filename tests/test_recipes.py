@@ -260,6 +260,26 @@ def test_args_start_with_spec_and_end_with_the_raw_megatron_args(tmp_path):
     assert "--dsv3-cpu" in argv and "--bf16" not in argv
 
 
+def test_a_raw_scheduler_flag_is_refused_for_the_recipe_key_that_says_it(tmp_path):
+    # The recipe passes --override-opt_param-scheduler (or --use-checkpoint-...); Megatron asserts on both.
+    assert "--override-opt_param-scheduler" in recipe_argv(load_recipe(write(tmp_path, TINY)))
+    path = write(tmp_path, TINY + "megatron_args: [--use-checkpoint-opt-param-scheduler]\n")
+    with pytest.raises(ConfigError) as err:
+        recipe_argv(load_recipe(path))
+    assert "checkpoint.use_checkpoint_opt_param_scheduler: true" in err.value.fix
+    assert err.value.key == "checkpoint.use_checkpoint_opt_param_scheduler" and "broken.yaml" in str(err.value)
+
+
+def test_bf16_on_cpu_passes_the_check_and_gives_megatron_bf16(tmp_path):
+    # Megatron's bf16 path runs in CPU mode (tests/test_cpu_bf16.py); the distributed optimizer does not.
+    argv = recipe_argv(load_recipe(write(tmp_path, TINY.replace("precision: fp32", "precision: bf16"))))
+    assert "--dsv3-cpu" in argv and "--bf16" in argv
+    path = write(tmp_path, TINY.replace("precision: fp32", "precision: bf16").replace(
+        "  train_iters: 10", "  train_iters: 10\n  use_distributed_optimizer: true"))
+    with pytest.raises(ConfigError, match="use_distributed_optimizer=true with hardware.device=cpu"):
+        recipe_argv(load_recipe(path))
+
+
 def test_layout_string_replaces_the_virtual_stage_flag():
     """validate_args: at most one of --num-virtual-stages-per-pipeline-rank and --pipeline-model-parallel-layout."""
     argv = recipe_argv(load_recipe("deepseek-v3-671b-h100-1024"))
@@ -290,7 +310,8 @@ def test_data_sources_map_to_megatron_data_arguments(tmp_path, embedded_data):
     mock = recipe_argv(load_recipe(write(tmp_path, TINY, "mock.yaml")))
     assert mock[mock.index("--mock-data"):][:5] == ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "4096"]
     embedded = load_recipe(write(tmp_path, TINY.replace("source: mock", "source: embedded\n  cache_dir: /c"), "e.yaml"))
-    assert recipe_argv(embedded)[-len(FAKE_DATA_ARGS) - 2:-2] == FAKE_DATA_ARGS
+    argv = recipe_argv(embedded)
+    assert argv[argv.index("--data-path"):][:len(FAKE_DATA_ARGS)] == FAKE_DATA_ARGS
     assert embedded_data == ["/c"]
     files = TINY.replace("source: mock", "source: files\n  paths: [0.3, /d/a, 0.7, /d/b]\n  tokenizer_type: GPT2BPETokenizer")
     argv = recipe_argv(load_recipe(write(tmp_path, files, "f.yaml")))
@@ -371,7 +392,6 @@ def test_invalid_pipeline_layout_is_rejected_by_megatrons_layout_class(tmp_path)
 @pytest.mark.parametrize("change, key, words", [
     (("global_batch_size: 16", "global_batch_size: 18"), "global_batch_size:", "not divisible by micro_batch_size x dp"),
     (("  tp: 1", "  tp: 2"), "world_size:", "parallel.world_size=1 is not divisible by parallel.tp x pp x cp"),
-    (("precision: fp32", "precision: bf16"), "precision:", "precision=bf16 with hardware.device=cpu"),
     (("source: mock", "source: files"), "source:", "data.source=files needs data.paths"),
     (("train_iters: 10", "train_iters: 10\n  train_samples: 160"), "train_iters:", "exactly one of"),
     (("global_batch_size: 16", "global_batch_size: 16\n  recompute: {granularity: selective, modules: [mla_up]}"),

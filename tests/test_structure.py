@@ -140,6 +140,19 @@ def test_the_architecture_page_lists_the_layers_in_this_order():
     assert re.findall(r"`([a-z0-9_]+)`", paragraph) == [name or "megatron_dsv3" for name in LAYERS]
 
 
+def _says_lazy(lines: list[str], i: int) -> bool:
+    """A ``# lazy:`` comment on line ``i`` or among the comments and imports right above it (one
+    comment serves a block of imports)."""
+    while i >= 0:
+        text = lines[i].strip()
+        if "# lazy:" in text:
+            return True
+        if not (text.startswith(("#", "from ", "import ")) or text.endswith((",", "(")) or text == ")"):
+            return False
+        i -= 1
+    return False
+
+
 def _function_level_imports() -> list[tuple[str, int, str]]:
     """``(file, line, text)`` of every import of the package inside a function, without a
     ``# lazy: <reason>`` comment on its line or the line above."""
@@ -154,9 +167,8 @@ def _function_level_imports() -> list[tuple[str, int, str]]:
                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
                 if not any(n == "megatron_dsv3" or n.startswith("megatron_dsv3.") for n in names):
                     continue
-                here, above = lines[node.lineno - 1], lines[node.lineno - 2] if node.lineno > 1 else ""
-                if "# lazy:" not in here and "# lazy:" not in above:
-                    found.append((path.relative_to(ROOT).as_posix(), node.lineno, here.strip()))
+                if not _says_lazy(lines, node.lineno - 1):
+                    found.append((path.relative_to(ROOT).as_posix(), node.lineno, lines[node.lineno - 1].strip()))
     return sorted(set(found))
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from megatron_dsv3 import data
+from megatron_dsv3.args.options import FP8_OVERRIDES, option_flag
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.backends import resolve_backend
 from megatron_dsv3.model.presets import PRESETS, ModelPreset, get_preset
 from megatron_dsv3.parallel.layout import ParallelLayout
-from megatron_dsv3.recipe.check import validate_recipe
+from megatron_dsv3.recipe.check import SCHEDULER_FLAGS, validate_recipe
 from megatron_dsv3.recipe.schema import ModelSection, ParallelSection, Recipe, TrainingSection
 
 
@@ -50,8 +52,6 @@ def plugin_args(backend: str, *, cpu: bool, experts: str = "auto") -> list[str]:
 
 def fp8_args(recipe: Recipe) -> list[str]:
     """The ``fp8:`` section as the plugin's ``--dsv3-fp8*`` options (docs/fp8.md); none without FP8."""
-    from megatron_dsv3.args.options import FP8_OVERRIDES, option_flag
-
     section = recipe.fp8
     if section.recipe is None:
         return []
@@ -291,8 +291,6 @@ def recompute_args(rc) -> list[str]:
 def data_args(recipe: Recipe) -> list[str]:
     d = recipe.data
     if d.source == "embedded":
-        from megatron_dsv3 import data
-
         return [str(a) for a in data.default_data_args(cache_dir=d.cache_dir)]
     if d.source == "mock":
         return ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(recipe.preset.vocab_size)]
@@ -302,8 +300,9 @@ def data_args(recipe: Recipe) -> list[str]:
 
 
 def checkpoint_args(c) -> list[str]:
+    """Save, load, format, and whose LR schedule a resumed run follows (the recipe's: a longer run extends)."""
     argv = _opt("--save", c.save) + _opt("--save-interval", c.save_interval) + _opt("--load", c.load)
-    return argv + ["--ckpt-format", c.format]
+    return argv + ["--ckpt-format", c.format, SCHEDULER_FLAGS[c.use_checkpoint_opt_param_scheduler]]
 
 
 # ---- logging ----

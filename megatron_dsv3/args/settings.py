@@ -19,13 +19,22 @@ import functools
 import io
 import sys
 
+from megatron_dsv3.args.options import FP8_OVERRIDES, add_dsv3_arguments, option_flag
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.fp8.plan import FP8Plan
+from megatron_dsv3.fp8.provider import model_options
+from megatron_dsv3.fp8.recipes import named_recipe
+from megatron_dsv3.fp8.scaled_mm import scaled_mm_status
+from megatron_dsv3.fp8.support import refusals, resolve_fp8_backend
+from megatron_dsv3.fp8.te import environment
+from megatron_dsv3.model import backends
 from megatron_dsv3.model.backends import resolve_backend, resolve_experts
 from megatron_dsv3.model.options import attach_options
 from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
 from megatron_dsv3.parallel.megatron_layout import ScheduleOptions, megatron_layout
 from megatron_dsv3.parallel.placement import Placement, place, placement_of
 from megatron_dsv3.parallel.schedule_rules import FLAG_NAMES, check_schedule
+from megatron_dsv3.pipeline.constraints import resolve_options
 
 # Megatron argument (dest) -> value, per decision.
 CPU_SETTINGS = {
@@ -104,12 +113,6 @@ _FP8_KEY_FLAGS = {"parallel.tp": "--tensor-model-parallel-size", "fp8.backend": 
 
 def fp8_plan(args: argparse.Namespace, backend: str):
     """The FP8 plan the arguments ask for, resolved and checked on this machine (None: no FP8)."""
-    from megatron_dsv3.args.options import FP8_OVERRIDES, option_flag
-    from megatron_dsv3.fp8.plan import FP8Plan
-    from megatron_dsv3.fp8.recipes import named_recipe
-    from megatron_dsv3.fp8.support import refusals, resolve_fp8_backend
-    from megatron_dsv3.model.backends import transformer_engine_status
-
     name = getattr(args, "dsv3_fp8", None)
     given = {dest: getattr(args, dest, None) for dest in FP8_OVERRIDES}
     if name is None:
@@ -124,14 +127,12 @@ def fp8_plan(args: argparse.Namespace, backend: str):
     recipe = named_recipe(name).with_overrides(**{FP8_OVERRIDES[d]: v for d, v in given.items()})
     fp8_backend = resolve_fp8_backend(getattr(args, "dsv3_fp8_backend", "auto"), model_backend=backend, on_cpu=on_cpu)
     capability = None if on_cpu or not torch.cuda.is_available() else torch.cuda.get_device_capability()
-    te = transformer_engine_status()
+    te = backends.transformer_engine_status()
     found = refusals(recipe, fp8_backend, model_backend=backend, device="cpu" if on_cpu else "cuda",
                      capability=capability, tp=args.tensor_model_parallel_size,
                      pp=args.pipeline_model_parallel_size, use_distributed_optimizer=args.use_distributed_optimizer,
                      num_layers=args.num_layers, te_usable=te.usable, te_reason=te.reason)
     if fp8_backend == "pytorch" and not found:
-        from megatron_dsv3.fp8.scaled_mm import scaled_mm_status
-
         usable, reason = scaled_mm_status()
         if not usable:
             raise ConfigError(f"--dsv3-fp8-backend pytorch cannot run here: {reason}",
@@ -172,8 +173,6 @@ def _export_fp8_environment(settings: dict) -> None:
     plan = settings.get("dsv3_fp8_plan")
     if plan is not None and plan.backend == "transformer_engine":
         import os
-
-        from megatron_dsv3.fp8.te import environment
 
         os.environ.update(environment(plan.recipe))
 
@@ -263,13 +262,11 @@ def _megatron_defaults() -> dict:
 def schedule_options(args: argparse.Namespace) -> ScheduleOptions:
     """``--dualpipe-zero-bubble`` / ``--dualpipe-fb-overlap``, checked and defaulted by the one set of
     rules (:mod:`megatron_dsv3.pipeline.constraints`)."""
-    from megatron_dsv3.pipeline.constraints import resolve_options
-
     return resolve_options(
         args.pipeline_schedule, ep=args.expert_model_parallel_size, backend=args.transformer_impl,
         zero_bubble=getattr(args, "dualpipe_zero_bubble", None), fb_overlap=getattr(args, "dualpipe_fb_overlap", None),
         recompute_granularity=args.recompute_granularity, recompute_modules=args.recompute_modules,
-        mtp_num_layers=args.mtp_num_layers or 0, overlap_grad_reduce=bool(getattr(args, "overlap_grad_reduce", False)),
+        mtp_num_layers=args.mtp_num_layers or 0,
     )
 
 
@@ -280,7 +277,13 @@ def attach_placement(config, args: argparse.Namespace):
     if schedule in DEEPSEEK_SCHEDULES and not isinstance(getattr(layout, "placement", None), Placement):
         placement = place(config.num_layers, config.mtp_num_layers or 0, config.pipeline_model_parallel_size,
                           layout=getattr(args, "dsv3_pipeline_layout", None), schedule=schedule)
-        config.pipeline_model_parallel_layout = megatron_layout(placement, schedule_options(args))
+        options = schedule_options(args)
+        config.pipeline_model_parallel_layout = megatron_layout(placement, options)
+        if options.zero_bubble and config.transformer_impl == "transformer_engine":
+            # TE's modules then defer their weight GEMMs and the schedule's W runs them (backward_dw).
+            # Set after the config's checks, which tie the field to Megatron's own overlapped
+            # schedule (overlap_moe_expert_parallel_comm), the one other caller of backward_dw.
+            config.delay_wgrad_compute = True
     return config
 
 
@@ -311,16 +314,13 @@ def transformer_config(args: argparse.Namespace):
 def attach_model_options(config, args: argparse.Namespace):
     """Give a ``TransformerConfig`` the model options the arguments imply (``megatron_dsv3.model.options``):
     today those of the FP8 plan they resolved to (``--dsv3-fp8``), if any."""
-    from megatron_dsv3.fp8.provider import model_options
-
     return attach_options(config, model_options(getattr(args, "dsv3_fp8_plan", None)))
 
 
-def parse_megatron_args(argv: list[str], *, quiet: bool = True) -> argparse.Namespace:
-    """Megatron's ``parse_args`` + ``validate_args`` on ``argv`` (not ``sys.argv``), plus our options."""
+def parse_megatron_args(argv: list[str], *, quiet: bool = True, world_size: int | None = None) -> argparse.Namespace:
+    """Megatron's ``parse_args`` + ``validate_args`` on ``argv`` (not ``sys.argv``), plus our options;
+    ``world_size``: as a job of that many processes sees them (default: ``$WORLD_SIZE``, else 1)."""
     import megatron.training.arguments as megatron_arguments
-
-    from megatron_dsv3.args.options import add_dsv3_arguments
 
     saved = sys.argv
     sys.argv = ["megatron-dsv3"] + [str(a) for a in argv]
@@ -328,6 +328,8 @@ def parse_megatron_args(argv: list[str], *, quiet: bool = True) -> argparse.Name
         args = megatron_arguments.parse_args(extra_args_provider=add_dsv3_arguments)
     finally:
         sys.argv = saved
+    if world_size is not None:
+        args.world_size, args.rank = world_size, 0
     apply_plugin_options(args)
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         # Looked up now: parsing `--dsv3-cpu` turns CPU mode on, whose changes include validate_args's.

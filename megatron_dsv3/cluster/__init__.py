@@ -9,7 +9,7 @@
 * :mod:`.k8s` writes the same job as a Kubernetes JobSet (``megatron-dsv3 k8s``);
 * :mod:`.preflight` runs inside the job, on its own machine: the allocation Slurm gave against the
   recipe, then ``megatron-dsv3 check`` at the job's world size and the GPU's memory;
-* :mod:`.commands` holds the subcommands (parsers and handlers), registered by ``cli.py``.
+* :mod:`.commands` holds the subcommands (parsers and handlers), registered by :mod:`megatron_dsv3.cli`.
 
 ``docs/cluster.md`` shows the commands.
 """

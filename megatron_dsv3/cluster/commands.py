@@ -1,4 +1,4 @@
-"""The ``megatron-dsv3 slurm`` and ``k8s`` subcommands: their parsers and handlers (registered by ``cli.py``)."""
+"""The ``megatron-dsv3 slurm`` and ``k8s`` subcommands: their parsers and handlers (registered by :mod:`megatron_dsv3.cli`)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from megatron_dsv3.model.backends import transformer_engine_status
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.model import backends
 
 
 def check_config_for_spec(config) -> str:
@@ -41,10 +41,10 @@ def check_config_for_spec(config) -> str:
             fix="use --dsv3-backend auto|transformer_engine|local",
             key="transformer_impl",
         )
-    if backend == "transformer_engine" and not transformer_engine_status().usable:
+    if backend == "transformer_engine" and not backends.transformer_engine_status().usable:
         raise ConfigError(
             "transformer_impl='transformer_engine' (Megatron's default) but Transformer Engine cannot"
-            f" be used here: {transformer_engine_status().reason}",
+            f" be used here: {backends.transformer_engine_status().reason}",
             fix="pass --dsv3-backend local (or --transformer-impl local), or run where TE is installed",
             key="transformer_impl",
         )

@@ -10,15 +10,20 @@ first out, as DeepSeek's reference).  An FP8 linear can queue its weight GEMM in
 
 A deferred weight gradient reaches the parameter through autograd itself (a backward on the leaf
 parameter with the computed gradient), so it lands where an undeferred one would: Megatron DDP's
-grad-ready hook adds it to ``main_grad``; the distributed optimizer sees the same buffers.  The
-hook also fires at the deferring backward, for the weight that has no gradient yet: without
-``overlap_grad_reduce`` it skips it, with it Megatron asserts, so that combination is refused
-(``pipeline/constraints.py``; making the deferring backward hand DDP a zero gradient would allow it,
-not done).  Not deferring,
-these linears compute exactly what Megatron's own local linears compute (``grad_output^T x``).
+grad-ready hook adds it to ``main_grad`` and, with ``overlap_grad_reduce``, counts the weight as
+ready, so its bucket starts reducing when its last ``W`` has run.  The hook also fires at the
+deferring backward, for the weight that has no gradient yet (:meth:`WeightGradQueue.withholds`):
+the run-time change ``deferred_weights_are_ready_at_their_w`` (:mod:`megatron_dsv3.runtime.ddp_changes`)
+skips that call instead of letting Megatron assert.  Not deferring, these linears compute exactly
+what Megatron's own local linears compute (``grad_output^T x``).
 
-Transformer Engine defers its weight gradients with its own ``delay_wgrad_compute``; that path needs
-a GPU and is not wired here (see ``docs/dualpipe.md``).
+Transformer Engine's modules defer their weight GEMMs themselves when built with
+``delay_wgrad_compute`` (every backward then queues them, per module, first in first out, and TE's
+``backward_dw`` runs the oldest): the schedule queues a call of :func:`run_transformer_engine_wgrads`
+in this queue for a deferring backward and makes it right away after any other
+(:func:`transformer_engine_deferring` finds the modules).  Written against TE 2.x's
+``WeightGradStore`` and Megatron-Core 0.19's wrappers; it needs a GPU with Transformer Engine and is
+unverified until one runs it (``docs/dualpipe.md``).
 """
 
 from __future__ import annotations
@@ -54,7 +59,14 @@ class WeightGradQueue:
             self._current = []
 
     def put(self, work: Callable[[], None]) -> None:
+        """Queue ``work`` (it gives a weight its gradient later); the module returns no weight gradient."""
         self._current.append(work)
+
+    def withholds(self, param: torch.nn.Parameter) -> bool:
+        """Whether ``param``'s gradient is being withheld: inside a deferring backward, a weight that
+        autograd reaches without a gradient is one whose GEMM went into this queue (whatever queues
+        here returns no weight gradient); its ``W`` gives it the gradient later."""
+        return self.deferring and param.grad is None
 
     def pop(self) -> None:
         """Run the oldest entry's weight GEMMs."""
@@ -159,3 +171,20 @@ class DeferrableDuplicatedLinear(DuplicatedLinear):
 
     def forward(self, x: torch.Tensor):
         return _LinearWithDeferrableWgrad.apply(x, self.weight, None, False, False, None), None
+
+
+def transformer_engine_deferring(model: torch.nn.Module) -> list:
+    """The Transformer Engine modules of ``model`` whose weight GEMMs wait for ``backward_dw`` (built with
+    ``delay_wgrad_compute``: TE's ``WeightGradStore`` says so); empty without Transformer Engine."""
+    return [m for m in model.modules() if getattr(m, "wgrad_store", None) is not None and m.wgrad_store.delay_wgrad_compute()]
+
+
+def run_transformer_engine_wgrads(modules: list) -> None:
+    """Each module's oldest deferred weight GEMMs (TE's ``backward_dw``: the GEMMs, the gradient into
+    ``main_grad`` or ``.grad``, then TE's wgrad hooks, where Megatron DDP counts the weight as ready).
+    A module the backward did not reach has none waiting and is skipped (TE's own grouped linear
+    checks the same)."""
+    for module in modules:
+        waiting = module.wgrad_store.context
+        if waiting is not None and not waiting.empty():
+            module.backward_dw()

@@ -10,7 +10,7 @@ from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES, SCHEDULE_NAMES
 from megatron_dsv3.parallel.schedule_rules import check_microbatches
 from megatron_dsv3.pipeline.simulator import SIMULATED, Costs, Timeline, simulate
 
-NAMES = {**SCHEDULE_NAMES, "zb1p": "ZB1P (ZB-H1)"}
+NAMES = {**SCHEDULE_NAMES, "zb1p": "ZB1P (ZB-H1)", "combined_1f1b": "1F1B with EP overlap"}
 
 
 @dataclass

@@ -34,24 +34,23 @@ def resolve_options(schedule: str, **settings) -> ScheduleOptions:
 
 def decide_options(schedule: str, *, ep: int, backend: str, zero_bubble: bool | None,
                    fb_overlap: bool | None, recompute_granularity: str | None,
-                   recompute_modules: list[str] | None, mtp_num_layers: int,
-                   overlap_grad_reduce: bool = False) -> ResolvedOptions:
+                   recompute_modules: list[str] | None, mtp_num_layers: int) -> ResolvedOptions:
     """The options a DeepSeek schedule runs with (None: the default), and why each is on or off.
 
     One rule for both options, default or explicit alike: each is on by default, and each has
     requirements (below).  An explicit ``true`` whose requirement fails is an error naming the fix;
     a default whose requirement fails resolves to off, naming the requirement.  The default never
     refuses a run the user did not ask anything of, and never silently drops what the user did ask
-    for (a ``moe`` recompute, ``--overlap-grad-reduce``): the explicit setting wins over the default.
+    for (a ``moe`` recompute): the explicit setting wins over the default.
 
-    * ``zero_bubble`` needs the local backend, whose linears queue their weight GEMMs
-      (``megatron_dsv3/model/wgrad.py``); Transformer Engine's delay their own through
-      ``delay_wgrad_compute``, which is not wired here.  It also needs Megatron's
-      ``--overlap-grad-reduce`` off: a deferring backward leaves a queued weight's gradient
-      undefined, yet its AccumulateGrad node still runs and fires Megatron DDP's grad-ready hook,
-      which asserts ``param.grad`` is set when ``overlap_grad_reduce`` is on (measured: DualPipeV on
-      pp 2 x dp 2 stops with that assertion at its first deferring backward).  Without the split the
-      overlapped reduction matches the single-process gradients (``tests/test_dualpipe_equivalence.py``).
+    * ``zero_bubble``: the local backend's linears queue their weight GEMMs
+      (``megatron_dsv3/model/wgrad.py``); Transformer Engine's defer theirs themselves
+      (``delay_wgrad_compute``) and a ``W`` runs them (``backward_dw``), which needs the F&B overlap
+      off on that backend: Megatron's overlapped step runs TE's deferred GEMMs inside the pair
+      (``TransformerLayerSchedulePlan`` calls ``backward_dw``), leaving none for the schedule's ``W``.
+      An explicit split on TE turns the overlap's default off; both asked for is an error.  It
+      combines with ``--overlap-grad-reduce``: DDP counts a deferred weight as ready at its ``W``
+      (``runtime/ddp_changes.py``; on TE through TE's own wgrad hooks; ``tests/test_dualpipe_equivalence.py``).
     * ``fb_overlap``: the pairs run through Megatron-Core's overlapped step, which needs a real
       all-to-all (with EP = 1 Megatron's dispatcher hands the MLP its own input, which the step then
       frees), no full or ``moe`` recompute (the plan calls the layer's pieces directly, so it would
@@ -60,17 +59,16 @@ def decide_options(schedule: str, *, ep: int, backend: str, zero_bubble: bool | 
     """
     fb_fix = "turn the overlap off (--no-dualpipe-fb-overlap, parallel.fb_overlap: false) or meet the requirement"
     zb_unmet, fb_unmet = [], []
-    if backend != "local":
+    te = backend == "transformer_engine"
+    if backend not in ("local", "transformer_engine"):
         zb_unmet.append(_Unmet(
-            "the local backend", f"the backend is {backend}, whose Transformer Engine linears defer their weight"
-            " GEMMs through delay_wgrad_compute, which is not wired into the schedule", "parallel.zero_bubble",
-            "use --no-dualpipe-zero-bubble (parallel.zero_bubble: false) or the local backend"))
-    if overlap_grad_reduce:
-        zb_unmet.append(_Unmet(
-            "no --overlap-grad-reduce", "Megatron DDP's grad-ready hook fires for a weight whose gradient the"
-            " split defers to its W and asserts the gradient is already there", "--overlap-grad-reduce",
-            "add --no-dualpipe-zero-bubble (parallel.zero_bubble: false) to keep the overlapped gradient"
-            " reduction, or drop --overlap-grad-reduce to keep the B/W split"))
+            "the local or Transformer Engine backend", f"the backend is {backend}, whose linears cannot defer their"
+            " weight GEMMs", "parallel.zero_bubble", "use --no-dualpipe-zero-bubble (parallel.zero_bubble: false)"))
+    in_pair = ("Megatron's overlapped step runs Transformer Engine's deferred weight GEMMs inside the pair"
+               " (TransformerLayerSchedulePlan calls backward_dw), leaving none for the schedule's W")
+    if te and zero_bubble:
+        fb_unmet.append(_Unmet("no zero-bubble split on Transformer Engine (parallel.zero_bubble: true)", in_pair,
+                               "parallel.fb_overlap", fb_fix))
     if ep <= 1:
         fb_unmet.append(_Unmet(
             "expert parallelism (ep > 1)", "with ep = 1 there is no all-to-all to hide, and Megatron's dispatcher"
@@ -83,8 +81,12 @@ def decide_options(schedule: str, *, ep: int, backend: str, zero_bubble: bool | 
     if mtp_num_layers > 1:
         fb_unmet.append(_Unmet(f"at most one MTP layer (got {mtp_num_layers})",
                                "Megatron's overlapped step has one MTP node", "parallel.fb_overlap", fb_fix))
-    on_zb, why_zb = _decide(schedule, "zero_bubble", zero_bubble, zb_unmet, "zero-bubble split")
     on_fb, why_fb = _decide(schedule, "fb_overlap", fb_overlap, fb_unmet, "forward/backward overlap")
+    if te and on_fb:
+        zb_unmet.append(_Unmet("no F&B overlap on Transformer Engine", in_pair, "parallel.zero_bubble",
+                               "turn the split off (--no-dualpipe-zero-bubble, parallel.zero_bubble: false) or the"
+                               " overlap (parallel.fb_overlap: false)"))
+    on_zb, why_zb = _decide(schedule, "zero_bubble", zero_bubble, zb_unmet, "zero-bubble split")
     return ResolvedOptions(ScheduleOptions(zero_bubble=on_zb, fb_overlap=on_fb),
                            {"zero_bubble": why_zb, "fb_overlap": why_fb})
 

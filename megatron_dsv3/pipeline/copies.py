@@ -7,14 +7,14 @@
 * **DualPipe's mirrored stages.** Rank r holds stage r for the micro-batches entering at rank 0 and
   a copy of stage P-1-r for those entering at rank P-1 (arXiv 2412.19437v2, section 3.2.1).  The
   copies start equal (the copy receives the original's weights when the model is built), their
-  gradients are summed between ranks r and P-1-r after each step, and so are their experts' token
-  counts before Megatron updates the expert biases; the optimizer then moves both alike.  A
-  checkpoint stores one copy: the copy's tensors are marked as replicas, and its parameters as
-  shared, so that they are counted once in the gradient norm.
+  gradients are summed inside DDP's data-parallel reduction (:mod:`megatron_dsv3.pipeline.mirrors`),
+  and their experts' token counts between ranks r and P-1-r before Megatron updates the expert
+  biases; the optimizer then moves both alike.  A checkpoint stores one copy: the copy's tensors
+  are marked as replicas, and its parameters as shared, so that they are counted once in the
+  gradient norm.
 
-Gradients are summed after Megatron's data-parallel reduction, as Megatron sums its own embedding
-copies (``finalize_model_grads``): each copy's buffer holds the reduced gradient where this rank's
-optimizer reads it, with or without the distributed optimizer.
+The embedding copies are summed after Megatron's ``finalize_model_grads``, as Megatron sums its own
+(each copy's buffer then holds the reduced gradient where this rank's optimizer reads it).
 """
 
 from __future__ import annotations
@@ -75,15 +75,6 @@ def _original_and_mirror(step):
     row = step.placement.rows[step.rank]
     original = next(c for c in row if not c.mirror).vp_stage
     return _unwrap(step.model[original]), _unwrap(step.model[1 - original])
-
-
-def sum_mirrored_gradients(step) -> None:
-    """Each stage's gradients summed over its two copies (DualPipe), after the data-parallel reduction."""
-    if _mirror_partner(step) is None:
-        return
-    original, mirror = _original_and_mirror(step)
-    grads = lambda m: [_grad(p) for p in m.parameters() if _grad(p) is not None]  # noqa: E731
-    _add_partners(step, grads(original), grads(mirror))
 
 
 def sum_mirrored_token_counts(step) -> None:

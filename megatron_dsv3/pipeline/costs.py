@@ -19,6 +19,11 @@ It is a model, not a measurement.  Its assumptions:
   larger of the two computes summed and the two all-to-alls summed.  Megatron's own schedules are
   modelled without their all-to-all overlap (``--overlap-moe-expert-parallel-comm``).
 * A stage boundary sends the micro-batch's hidden states (BF16) at ``ib_gbs``.
+* The data-parallel gradient reduction (:class:`ReductionCosts`) moves fp32 gradients over
+  InfiniBand at ``ib_gbs`` in a ring: a reduce-scatter ((n-1)/n of the bytes) with the distributed
+  optimizer, an all-reduce (twice that) without it, over the data-parallel ranks for the dense
+  parameters and the expert data-parallel ranks for the experts' shares.  DualPipe all-reduces each
+  stage over both copies and their data-parallel ranks (2 x DP, :mod:`megatron_dsv3.pipeline.mirrors`).
 
 Default machine numbers: ``ib_gbs`` 50 and ``nvlink_gbs`` 160 are the bandwidths DeepSeek-V3's report
 gives for its H800 cluster (arXiv 2412.19437v2, section 3.2.2); ``tflops`` defaults to 40% of the
@@ -30,7 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_dsv3.model.accounting import count
+from megatron_dsv3.model.accounting import count, expert_params
 from megatron_dsv3.model.presets import ModelPreset
 from megatron_dsv3.pipeline.simulator import Costs
 
@@ -109,3 +114,42 @@ def model_costs(preset: ModelPreset, *, pp: int, ep: int, micro_batch_size: int,
     p2p = tokens * h * 2 / (machine.ib_gbs * 1e6) if pp > 1 else 0.0
     return ModelCosts(forward_compute=forward, backward_compute=2 * forward, weight_compute=weight,
                       forward_a2a=forward_a2a, backward_a2a=backward_a2a, p2p=p2p)
+
+
+@dataclass(frozen=True)
+class ReductionCosts:
+    """The data-parallel gradient reduction of one rank's share of the model (1F1B's on as many ranks)."""
+
+    dense_bytes: float  # fp32 gradients of the share's dense (non-expert) parameters
+    expert_bytes: float  # and of its routed experts (its 1/ep of them)
+    dp: int
+    expert_dp: int
+    gbs: float
+    distributed_optimizer: bool
+
+    def share_ms(self, schedule: str) -> float:
+        """Milliseconds to reduce one share under ``schedule``: DualPipe all-reduces over its copies and
+        their data-parallel ranks; the others reduce-scatter (distributed optimizer) or all-reduce over DP."""
+        mirrored = schedule == "dualpipe"
+        all_reduce = mirrored or not self.distributed_optimizer
+        groups = ((self.dense_bytes, self.dp), (self.expert_bytes, self.expert_dp))
+        return sum(_ring_ms(nbytes, n * (2 if mirrored else 1), all_reduce, self.gbs) for nbytes, n in groups)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _ring_ms(nbytes: float, ranks: int, all_reduce: bool, gbs: float) -> float:
+    if ranks <= 1:
+        return 0.0
+    return (2 if all_reduce else 1) * (ranks - 1) / ranks * nbytes / (gbs * 1e6)
+
+
+def reduction_costs(preset: ModelPreset, *, pp: int, ep: int, etp: int, dp: int, expert_dp: int,
+                    distributed_optimizer: bool, machine: Machine) -> ReductionCosts:
+    counts = count(preset)
+    moe_layers = preset.num_moe_layers + preset.mtp_num_layers * (preset.num_moe_layers > 0)
+    routed = moe_layers * preset.num_routed_experts * expert_params(preset)
+    dense = counts.total_params + counts.mtp_params - routed
+    return ReductionCosts(dense_bytes=4 * dense / pp, expert_bytes=4 * routed / (pp * ep * etp), dp=dp,
+                          expert_dp=expert_dp, gbs=machine.ib_gbs, distributed_optimizer=distributed_optimizer)

@@ -1,12 +1,15 @@
 """Data-parallel gradient reduction around a DualPipe(V) step, and the sums the placement's copies need.
 
 DDP reduces a chunk's gradients from its last micro-batch's backward on (Megatron's ``no_sync``
-context per virtual stage, ``config.no_sync_func``): every weight gradient of an earlier micro-batch
-of that chunk is computed by then, so ``overlap_grad_reduce`` overlaps the reduction with the rest of
-the step.  With the zero-bubble split DDP's grad-ready hook would fire at the ``B`` for a weight whose
-gradient is deferred to its ``W``, so :mod:`megatron_dsv3.pipeline.constraints` refuses that
-combination.  After the schedule Megatron's ``finalize_model_grads`` runs as after any schedule, then
-the copies a placement keeps are summed (:mod:`megatron_dsv3.pipeline.copies`).
+context per virtual stage, ``config.no_sync_func``): from then on DDP's grad-ready hooks count each
+gradient that arrives, and a bucket starts reducing once every one of its parameters has had its
+last, so ``overlap_grad_reduce`` overlaps the reduction with the rest of the step.  With the
+zero-bubble split a deferred weight's last gradient arrives at its ``W`` (FIFO, so after every
+earlier ``W`` of that chunk), and DDP counts it there, not at the ``B``
+(:mod:`megatron_dsv3.runtime.ddp_changes`).  After the schedule Megatron's ``finalize_model_grads``
+runs as after any schedule (under DualPipe its reduction also sums the mirrored copies:
+:mod:`megatron_dsv3.pipeline.mirrors`), then a rank's embedding copies are summed
+(:mod:`megatron_dsv3.pipeline.copies`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from megatron_dsv3.model.wgrad import WGRAD
-from megatron_dsv3.pipeline import copies
+from megatron_dsv3.pipeline import copies, mirrors
 from megatron_dsv3.pipeline.engine import microbatches_per_chunk
 from megatron_dsv3.pipeline.rank_step import RankStep, device
 
@@ -58,13 +61,16 @@ class GradSync:
             return
         if len(WGRAD):
             raise RuntimeError("a deferred weight gradient was never computed")
+        if step.schedule == "dualpipe" and not all(mirrors.reduces_with_mirrors(chunk) for chunk in step.model):
+            raise RuntimeError("DualPipe's mirrored copies sum their gradients inside Megatron DDP's reduction"
+                               " (pipeline/mirrors.py): wrap every chunk in megatron.core's DistributedDataParallel"
+                               " with megatron-dsv3 activated before the chunks are wrapped")
         copies.sum_mirrored_token_counts(step)
         if step.config.finalize_model_grads_func is not None:
             total = self._total_tokens() if step.config.calculate_per_token_loss else None
             step.config.finalize_model_grads_func(step.model, total, pg_collection=step.pg_collection,
                                                   force_all_reduce=step.force_all_reduce)
         copies.sum_local_embedding_copies(step)
-        copies.sum_mirrored_gradients(step)
 
     def _total_tokens(self):
         total = self.num_tokens.to(device())

@@ -3,7 +3,9 @@
 Megatron's schedules follow ``get_pp_rank_microbatches`` and ``get_schedule_table`` in
 ``megatron/core/pipeline_parallel/schedules.py``: under 1F1B rank ``r`` runs ``pp - r - 1`` warmup
 forwards and one more before its first backward; under the interleaved schedule it runs
-``2 (pp - r - 1) + (vpp - 1) * pp`` warmup forwards (micro-batches taken ``pp`` at a time per chunk).
+``2 (pp - r - 1) + (vpp - 1) * g`` warmup forwards (micro-batches taken ``g`` at a time per chunk,
+``g`` = ``--microbatch-group-size-per-virtual-stage``, by default ``pp``), one more with the
+expert-parallel overlap (``combined_1f1b``: the forward paired with the first backward).
 
 DeepSeek's schedules are replayed from the engine's per-rank order: a forward's activations live from
 its ``F`` until its backward is done (its ``B``; with the zero-bubble split, its ``W``, counted whole),
@@ -28,15 +30,26 @@ def forward_order(num_microbatches: int, vpp: int, group: int) -> list[int]:
     return order
 
 
-def megatron_in_flight(pp: int, rank: int, vpp: int, num_microbatches: int) -> list[int]:
-    """Chunks of the forward passes rank ``rank`` holds when its first backward starts."""
+def microbatch_group(pp: int, num_microbatches: int) -> int:
+    """The smallest ``--microbatch-group-size-per-virtual-stage`` Megatron's interleaved schedule accepts
+    for these sizes: at least ``pp``, and the last group empty or at least ``pp`` (``schedules.py``)."""
+    for group in range(pp, num_microbatches + 1):
+        if num_microbatches % group == 0 or num_microbatches % group >= pp:
+            return group
+    return num_microbatches
+
+
+def megatron_in_flight(pp: int, rank: int, vpp: int, num_microbatches: int, ep_overlap: bool = False) -> list[int]:
+    """Chunks of the forward passes rank ``rank`` holds when its first backward starts (``ep_overlap``:
+    Megatron's combined 1F1B, one more warmup forward)."""
     if pp == 1:  # forward_backward_no_pipelining: one micro-batch at a time
         return [0]
     if vpp == 1:
         return [0] * min(pp - rank, num_microbatches)
-    warmup = 2 * (pp - rank - 1) + (vpp - 1) * pp
+    group = microbatch_group(pp, num_microbatches)
+    warmup = 2 * (pp - rank - 1) + (vpp - 1) * group + int(ep_overlap)
     count = min(warmup + 1, num_microbatches * vpp)
-    return forward_order(num_microbatches, vpp, pp)[:count]
+    return forward_order(num_microbatches, vpp, group)[:count]
 
 
 def deepseek_in_flight(schedule: str, pp: int, rank: int, num_microbatches: int,

@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel.schedules import check_first_val_step
 from megatron.core.utils import get_model_config
 
+from megatron_dsv3.model.wgrad import transformer_engine_deferring
 from megatron_dsv3.parallel.megatron_layout import ScheduleOptions, schedule_options_of
 from megatron_dsv3.parallel.placement import Chunk, Placement, placement_of
 from megatron_dsv3.pipeline.engine import global_microbatch
@@ -54,6 +55,7 @@ class RankStep:
     force_all_reduce: bool = False
     pg_collection: object = None
     started: list[bool] = field(default_factory=list)  # a chunk's first forward has run, by engine chunk
+    te_deferring: list[list] = field(default_factory=list)  # TE modules deferring weight GEMMs, by engine chunk
 
     @classmethod
     def from_megatron(cls, kwargs: dict) -> "RankStep":
@@ -79,6 +81,7 @@ class RankStep:
             collect_non_loss_data=kwargs.get("collect_non_loss_data", False),
             first_val_step=kwargs.get("first_val_step"), force_all_reduce=kwargs.get("force_all_reduce", False),
             pg_collection=kwargs.get("pg_collection"), started=[False] * len(chunks),
+            te_deferring=[transformer_engine_deferring(model[c.vp_stage]) for c in chunks],
         )
 
     @property

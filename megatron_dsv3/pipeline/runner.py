@@ -26,7 +26,7 @@ import time
 import torch
 from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
 
-from megatron_dsv3.model.wgrad import WGRAD
+from megatron_dsv3.model.wgrad import WGRAD, run_transformer_engine_wgrads
 from megatron_dsv3.pipeline import reports
 from megatron_dsv3.pipeline.engine import Op, rank_program
 from megatron_dsv3.pipeline.grad_sync import GradSync
@@ -109,12 +109,23 @@ class _Runner:
 
     def backward(self, c: int, m: int, zb: bool) -> None:
         inputs, output, output_grad = self._backward_inputs(c, m)
-        with WGRAD.defer() if zb and self.step.split else contextlib.nullcontext():
+        deferring = zb and self.step.split
+        with WGRAD.defer() if deferring else contextlib.nullcontext():
             if self.step.overlap:
                 grad = combined_step(self.step, None, (c, inputs, output, output_grad))[3]
             else:
                 grad = backward_step(inputs, output, output_grad, self.step.config)
+            self._transformer_engine_w(c, deferring)
         self._hand_back(c, m, grad)
+
+    def _transformer_engine_w(self, c: int, deferring: bool) -> None:
+        """TE's modules deferred this backward's weight GEMMs (``delay_wgrad_compute``): the ``W`` runs
+        them, or, for a backward that does not defer, they run now."""
+        modules = self.step.te_deferring[c]
+        if modules and deferring:
+            WGRAD.put(lambda: run_transformer_engine_wgrads(modules))
+        elif modules:
+            run_transformer_engine_wgrads(modules)
 
     def forward_backward(self, op: Op) -> None:
         if not self.step.overlap:

@@ -2,10 +2,14 @@
 
 Every schedule is a list of operations per rank: DualPipe and DualPipeV from the engine
 (:mod:`megatron_dsv3.pipeline.engine`, the same list the real run executes), 1F1B and interleaved in
-Megatron-Core's order (``schedules.py``: warm-up forwards, one forward one backward, cool-down), and
-ZB1P, ZeroBubble's handcrafted ZB-H1 (Qi et al., 2023): 1F1B with each backward split into its
-input-gradient part and a weight-gradient part, rank r keeping its last r weight gradients for the
-cool-down.
+Megatron-Core's order (``schedules.py``: warm-up forwards, one forward one backward, cool-down),
+``combined_1f1b``, Megatron's own answer to DualPipe (``--overlap-moe-expert-parallel-comm``,
+``combined_1f1b.py``): the interleaved order with one more warm-up forward and each steady-state
+forward and backward run as one overlapped pair, each hiding the other's all-to-all (Megatron
+requires virtual stages for it when pp > 1), and ZB1P, ZeroBubble's handcrafted ZB-H1 (Qi et al.,
+2023): 1F1B with each backward split into its input-gradient part and a weight-gradient part, rank r
+keeping its last r weight gradients for the cool-down.  The interleaved orders take micro-batches
+``g`` at a time per chunk, the smallest group Megatron accepts for the sizes (``in_flight.microbatch_group``).
 
 Costs, per micro-batch for one rank's share of the model (its layers under 1F1B on as many ranks):
 ``F`` a forward, ``B`` a whole backward, ``W`` its weight-gradient part (so an input-gradient backward
@@ -39,9 +43,10 @@ from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES
 from megatron_dsv3.parallel.placement import place
 from megatron_dsv3.pipeline.engine import Op, global_microbatch, rank_ops
-from megatron_dsv3.pipeline.in_flight import deepseek_in_flight, forward_order, megatron_in_flight
+from megatron_dsv3.pipeline.in_flight import deepseek_in_flight, forward_order, megatron_in_flight, microbatch_group
 
-SIMULATED = ("1f1b", "interleaved", "zb1p", "dualpipe", "dualpipev")
+SIMULATED = ("1f1b", "interleaved", "combined_1f1b", "zb1p", "dualpipe", "dualpipev")
+PAIRS_OVERLAP = ("combined_1f1b", *DEEPSEEK_SCHEDULES)  # run forward-and-backward pairs overlapped (FB)
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class Interval:
     start: float
     end: float
     kind: str  # F, B, Bz, W, FB
+    grad_stage: int | None = None  # the stage whose gradients it computes (a backward or a W)
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Timeline:
     ranks: list[list[Interval]] = field(default_factory=list)
     stages: int = 0
     vpp: int = 1
+    group: int | None = None  # interleaved orders: micro-batches per virtual stage at a time
 
     @property
     def step_time(self) -> float:
@@ -97,7 +104,8 @@ class Timeline:
                        for r in range(self.pp))
         if self.schedule == "zb1p":
             return max(_zb1p_peak(row) for row in self.ranks)
-        return max(len(megatron_in_flight(self.pp, r, self.vpp, self.num_microbatches)) for r in range(self.pp))
+        return max(len(megatron_in_flight(self.pp, r, self.vpp, self.num_microbatches,
+                                          ep_overlap=self.schedule == "combined_1f1b")) for r in range(self.pp))
 
     @property
     def peak_activation_shares(self) -> float:
@@ -110,7 +118,7 @@ class Timeline:
                       "C": self.costs.C},
             "step_time": self.step_time, "bubble": self.bubble, "peak_activations": self.peak_activations,
             "peak_activation_shares": self.peak_activation_shares,
-            "param_multiplier": self.param_multiplier,
+            "param_multiplier": self.param_multiplier, "microbatch_group": self.group,
             "idle": [self.idle(r) for r in range(self.pp)],
             "ranks": [[i.op for i in row] for row in self.ranks],
         }
@@ -140,14 +148,14 @@ class _Task:
 
 
 def _megatron_tasks(schedule: str, pp: int, num_microbatches: int, vpp: int) -> list[list[_Task]]:
-    rows = []
+    rows, group = [], microbatch_group(pp, num_microbatches)
     for r in range(pp):
         if vpp == 1:
             fwd = [(0, m) for m in range(num_microbatches)]
             bwd = list(fwd)
             warmup = min(pp - r - 1, num_microbatches)
         else:
-            chunks = forward_order(num_microbatches, vpp, pp)
+            chunks = forward_order(num_microbatches, vpp, group)
             seen = [0] * vpp
             fwd = []
             for c in chunks:
@@ -159,13 +167,18 @@ def _megatron_tasks(schedule: str, pp: int, num_microbatches: int, vpp: int) -> 
                 rc = vpp - 1 - c
                 bwd.append((rc, seen[rc]))
                 seen[rc] += 1
-            warmup = min(2 * (pp - r - 1) + (vpp - 1) * pp, num_microbatches * vpp)
+            warmup = 2 * (pp - r - 1) + (vpp - 1) * group + (schedule == "combined_1f1b")
+            warmup = min(warmup, num_microbatches * vpp)
         stage = lambda c: c * pp + r  # noqa: E731
         f = [_Task(f"F{c}.{m}", "F", forward=(stage(c), m)) for c, m in fwd]
         b = [_Task(f"B{c}.{m}", "B", backward=(stage(c), m)) for c, m in bwd]
         order = f[:warmup]
         for i in range(len(f) - warmup):
-            order += [f[warmup + i], b[i]]
+            if schedule == "combined_1f1b":  # one overlapped pair (combined_forward_backward_step)
+                order.append(_Task(f"{f[warmup + i].name}&{b[i].name}", "FB", forward=f[warmup + i].forward,
+                                   backward=b[i].backward))
+            else:
+                order += [f[warmup + i], b[i]]
         order += b[len(f) - warmup:]
         rows.append(order)
     return rows
@@ -261,7 +274,8 @@ def _simulate(rows: list[list[_Task]], stages: int, costs: Costs) -> list[list[I
                     break
                 start = max(clock[r], ready)
                 end = start + durations[task.kind]
-                timeline[r].append(Interval(task.name, start, end, task.kind))
+                grad = task.backward or task.weight
+                timeline[r].append(Interval(task.name, start, end, task.kind, grad[0] if grad else None))
                 if task.forward:
                     done["F", task.forward] = end
                 if task.backward:
@@ -320,9 +334,10 @@ def simulate(schedule: str, pp: int, num_microbatches: int, costs: Costs | None 
         timeline.ranks = _simulate(_zb1p_tasks(pp, num_microbatches), pp, costs)
     else:
         v = 1 if schedule == "1f1b" else vpp
-        if schedule == "interleaved" and (v < 2 or num_microbatches % pp):
-            raise ConfigError(f"interleaved needs vpp >= 2 and micro-batches in multiples of pp={pp}",
-                              fix="give --vpp 2 or more and --microbatches divisible by pp", key="--microbatches")
+        if schedule != "1f1b" and (v < 2 or num_microbatches < pp):
+            raise ConfigError(f"{schedule} needs vpp >= 2 and at least pp={pp} micro-batches",
+                              fix="give --vpp 2 or more and --microbatches >= pp", key="--microbatches")
         timeline.stages, timeline.vpp = pp * v, v
+        timeline.group = microbatch_group(pp, num_microbatches) if v > 1 else None
         timeline.ranks = _simulate(_megatron_tasks(schedule, pp, num_microbatches, v), pp * v, costs)
     return timeline

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.fp8.support import gpu_capability, refusals, resolve_fp8_backend
-from megatron_dsv3.model.backends import planned_backend, transformer_engine_status
+from megatron_dsv3.model import backends
+from megatron_dsv3.model.backends import planned_backend
 from megatron_dsv3.model.validation import validate
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.parallel.placement import place
@@ -154,9 +155,6 @@ def _check_device(recipe) -> None:
     if recipe.backend == "transformer_engine":
         raise _fail(recipe, "backend", "backend=transformer_engine with hardware.device=cpu: Transformer"
                     " Engine needs a GPU", "set backend: local (or auto)")
-    if recipe.precision != "fp32":
-        raise _fail(recipe, "precision", f"precision={recipe.precision} with hardware.device=cpu: Megatron's"
-                    " bf16 path asserts CUDA tensors", "set precision: fp32")
     if recipe.training.use_distributed_optimizer:
         raise _fail(recipe, "training.use_distributed_optimizer",
                     "training.use_distributed_optimizer=true with hardware.device=cpu: Megatron's"
@@ -191,7 +189,25 @@ def _check_recompute(recipe) -> None:
                         "use backend: transformer_engine, or drop layernorm (mla_up_proj works on both)")
 
 
+# Megatron's two answers to "the schedule differs from the checkpoint's" (without either it asserts);
+# args/compose.py passes the one checkpoint.use_checkpoint_opt_param_scheduler names.
+SCHEDULER_FLAGS = {True: "--use-checkpoint-opt_param-scheduler", False: "--override-opt_param-scheduler"}
+
+
+def refuse_scheduler_flags(extra: list, *, where: str | None) -> None:
+    """Raw arguments that name either scheduler flag: the recipe key says it (Megatron asserts if
+    both flags reach it)."""
+    named = [str(a) for a in extra if str(a).replace("opt-param", "opt_param") in SCHEDULER_FLAGS.values()]
+    if named:
+        raise ConfigError(f"{named[0]} among the raw Megatron arguments: the recipe already passes one of"
+                          f" {' / '.join(SCHEDULER_FLAGS.values())}",
+                          fix="drop it and set checkpoint.use_checkpoint_opt_param_scheduler: true (keep the"
+                          " checkpoint's schedule) or false (the recipe's, the default)",
+                          key="checkpoint.use_checkpoint_opt_param_scheduler", where=where)
+
+
 def _check_data_and_checkpoint(recipe) -> None:
+    refuse_scheduler_flags(recipe.extra_args, where=recipe.where("megatron_args"))
     d = recipe.data
     if d.source == "files":
         if not d.paths:
@@ -262,7 +278,7 @@ def _check_fp8(recipe, layout: ParallelLayout) -> None:
         model_backend = "transformer_engine"  # auto on a GPU: checked as the backend FP8 would run on
     backend = resolve_fp8_backend(section.backend, model_backend=model_backend, on_cpu=recipe.is_cpu)
     # Transformer Engine comes with its model backend; without it, only if it imports on this machine.
-    te = None if model_backend == "transformer_engine" else transformer_engine_status()
+    te = None if model_backend == "transformer_engine" else backends.transformer_engine_status()
     found = refusals(fp8, backend, model_backend=model_backend, device=recipe.hardware.device,
                      capability=gpu_capability(recipe.hardware.gpu), tp=layout.tp, pp=layout.pp,
                      use_distributed_optimizer=recipe.training.use_distributed_optimizer,

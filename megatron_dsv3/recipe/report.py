@@ -46,6 +46,7 @@ class CheckReport:
     layout: ParallelLayout | None = None
     memory: object = None
     notes: list[str] = field(default_factory=list)
+    resume: list[str] = field(default_factory=list)  # what resuming checkpoint.load does (megatron_dsv3.train.resume)
 
     @property
     def fits(self) -> bool | None:
@@ -89,6 +90,7 @@ def render_report(report) -> str:
         lines += _pipeline_lines(report)
     if report.memory is not None:
         lines += _memory_lines(report)
+    lines += [f"{'resume' if i == 0 else '':<10} {line}" for i, line in enumerate(report.resume)]
     if report.error is not None:
         lines += [f"result     INVALID: {report.error}"]
     elif report.fits is False:

@@ -15,7 +15,8 @@ from typing import Callable
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES, ParallelLayout
 from megatron_dsv3.pipeline.constraints import ResolvedOptions, decide_options
-from megatron_dsv3.pipeline.costs import Machine, ModelCosts, model_costs
+from megatron_dsv3.pipeline.simulator import PAIRS_OVERLAP
+from megatron_dsv3.pipeline.costs import Machine, ModelCosts, ReductionCosts, model_costs, reduction_costs
 from megatron_dsv3.recipe.sizes import num_microbatches, parallel_layout
 
 
@@ -28,10 +29,19 @@ def schedule_options(recipe, layout: ParallelLayout, schedule: str | None) -> Re
     try:
         return decide_options(schedule, ep=layout.ep, backend=backend, zero_bubble=layout.zero_bubble,
                               fb_overlap=layout.fb_overlap, recompute_granularity=rc.granularity,
-                              recompute_modules=rc.modules, mtp_num_layers=recipe.preset.mtp_num_layers,
-                              overlap_grad_reduce="--overlap-grad-reduce" in recipe.extra_args)
+                              recompute_modules=rc.modules, mtp_num_layers=recipe.preset.mtp_num_layers)
     except ConfigError as err:
         raise recipe.locate(err) from None
+
+
+def recipe_reduction(recipe, machine: Machine | None = None, world_size: int | None = None) -> ReductionCosts:
+    """The data-parallel gradient reduction's cost model for ``recipe`` at its parallel sizes."""
+    layout = parallel_layout(recipe, world_size)
+    machine = machine or Machine.default(recipe.precision, recipe.hardware.gpus_per_node)
+    expert_dp = layout.tp * layout.cp * layout.dp // (layout.ep * layout.etp)
+    return reduction_costs(recipe.preset, pp=layout.pp, ep=layout.ep, etp=layout.etp, dp=layout.cp * layout.dp,
+                           expert_dp=expert_dp, distributed_optimizer=recipe.training.use_distributed_optimizer,
+                           machine=machine)
 
 
 def recipe_costs(recipe, machine: Machine | None = None, world_size: int | None = None) -> tuple[ModelCosts, dict]:
@@ -83,5 +93,5 @@ def recipe_schedule(recipe, *, tflops: float | None = None, ib_gbs: float | None
     context = {"recipe": recipe.name, **context, "microbatches": microbatches, "model_ms": model.to_dict(),
                "fb_overlap": fb_overlap}
     return RecipeSchedule(pp=context["pp"], microbatches=microbatches, vpp=vpp or context["vpp"] or 2,
-                          costs_for=lambda s: model.costs(fb_overlap and s in DEEPSEEK_SCHEDULES), context=context,
+                          costs_for=lambda s: model.costs(fb_overlap and s in PAIRS_OVERLAP), context=context,
                           summary=summary)

@@ -75,7 +75,8 @@ class ParallelSection:
                                " with vpp", choices=SCHEDULES)
     zero_bubble: bool | None = key(None, "dualpipe/dualpipev: split backwards into input- and weight-gradient"
                                    " parts (--dualpipe-zero-bubble); null = on where it can run (the local"
-                                   " backend, no --overlap-grad-reduce), else off; `check` says which")
+                                   " backend, or Transformer Engine without the F&B overlap), else off; `check`"
+                                   " says which")
     fb_overlap: bool | None = key(None, "dualpipe/dualpipev: overlap paired forwards and backwards"
                                   " (--dualpipe-fb-overlap); null = on where it can run (ep > 1, no full or"
                                   " `moe` recompute, at most one MTP layer), else off; `check` says which")
@@ -142,6 +143,9 @@ class CheckpointSection:
     save_interval: int | None = key(None, "steps between checkpoints (--save-interval)")
     format: str = key("torch_dist", "checkpoint format (--ckpt-format)",
                       choices=("torch", "torch_dist", "torch_dcp", "fsdp_dtensor"))
+    use_checkpoint_opt_param_scheduler: bool = key(
+        False, "on resume, keep the checkpoint's LR and weight-decay schedule (--use-checkpoint-opt_param-scheduler);"
+        " false: the recipe's replaces it (--override-opt_param-scheduler), e.g. a longer train_iters")
 
 
 @dataclass

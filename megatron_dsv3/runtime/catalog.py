@@ -7,14 +7,15 @@ import only the registry; this module imports the definitions.  ``megatron-dsv3 
 
 from __future__ import annotations
 
-from megatron_dsv3.runtime import cpu_changes, launch_changes, metrics_changes, model_changes, train_changes
+from megatron_dsv3.runtime import ddp_changes, launch_changes, metrics_changes, model_changes, train_changes
+from megatron_dsv3.runtime.cpu_mode import CPU_CHANGE_MODULES
 from megatron_dsv3.runtime.registry import MegatronChange, apply_changes, changes_in, revert_changes
 
 # The modules defining each group, in the order the groups are documented.
 GROUPS = {
-    "launch": (launch_changes,),
+    "launch": (launch_changes, ddp_changes),
     "model": (model_changes,),
-    "cpu": (cpu_changes,),
+    "cpu": CPU_CHANGE_MODULES,
     "train": (train_changes, metrics_changes),
 }
 

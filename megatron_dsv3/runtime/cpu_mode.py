@@ -18,10 +18,17 @@ from __future__ import annotations
 
 import contextlib
 
-from megatron_dsv3.runtime import cpu_changes
+from megatron_dsv3.runtime import cpu_changes, cpu_cuda_changes
 from megatron_dsv3.runtime.registry import apply_changes, changes_in, revert_changes
 
+# The modules defining the ``cpu`` group (the catalog lists them from here).
+CPU_CHANGE_MODULES = (cpu_changes, cpu_cuda_changes)
+
 _state = {"enabled": False}
+
+
+def _cpu_changes():
+    return [change for module in CPU_CHANGE_MODULES for change in changes_in(module)]
 
 
 def gpu_available() -> bool:
@@ -40,7 +47,7 @@ def enable_cpu_mode() -> bool:
         return True
     if gpu_available():
         return False
-    apply_changes(changes_in(cpu_changes))
+    apply_changes(_cpu_changes())
     _state["enabled"] = True
     return True
 
@@ -49,7 +56,7 @@ def disable_cpu_mode() -> None:
     """Undo :func:`enable_cpu_mode` (used by the context manager and tests)."""
     if not _state["enabled"]:
         return
-    revert_changes(changes_in(cpu_changes))
+    revert_changes(_cpu_changes())
     _state["enabled"] = False
 
 

@@ -52,6 +52,8 @@ class _Progress:
                 "iteration": iteration,
                 "lm_loss": loss,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
+                # As Megatron's log line shows it: set after the step's update, the rate of the next step.
+                "learning_rate": None if learning_rate is None else float(learning_rate),
                 "step_seconds": elapsed,
                 "tokens_per_second": tokens_per_s,
                 "time": time.time(),

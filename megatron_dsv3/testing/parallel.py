@@ -24,9 +24,13 @@ from functools import partial
 import torch
 
 from megatron_dsv3.args.compose import megatron_argv
+from megatron_dsv3.args.settings import parse_megatron_args
+from megatron_dsv3.cpu import enable_cpu_mode
+from megatron_dsv3.model.build import build_model_chunks
 from megatron_dsv3.model.presets import ModelPreset, get_preset
 from megatron_dsv3.parallel.layout import ParallelLayout
-from megatron_dsv3.parallel.placement import placement_for
+from megatron_dsv3.parallel.placement import placement_for, placement_of
+from megatron_dsv3.runtime.activation import activate
 from megatron_dsv3.train.steps import loss_func
 
 
@@ -40,12 +44,8 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234, *, cpu: bool = True,
     The embedding group holds the ranks the placement of ``preset`` under ``layout`` gives an
     embedding copy (as ``megatron-dsv3 train`` does through ``get_embedding_ranks``).
     """
-    from megatron_dsv3.runtime.activation import activate
-
     activate(source="test harness")
     if cpu:
-        from megatron_dsv3.cpu import enable_cpu_mode
-
         enable_cpu_mode()
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -86,9 +86,6 @@ def build_chunks(
     Megatron's ``DistributedDataParallel`` as ``pretrain`` wraps it.
     """
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-
-    from megatron_dsv3.args.settings import parse_megatron_args
-    from megatron_dsv3.model.build import build_model_chunks
 
     argv = megatron_argv(_preset(preset), layout, backend=backend, cpu=cpu, extra=list(extra_args))
     args = parse_megatron_args(argv)
@@ -216,8 +213,6 @@ def _forward_step(data_iterator, model):
     from megatron.core import parallel_state
     from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
-    from megatron_dsv3.parallel.placement import placement_of
-
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
     placement = placement_of(get_model_config(model))
     if not placement.needs_batch(parallel_state.get_pipeline_model_parallel_rank(), vp_stage)[0]:
@@ -269,8 +264,6 @@ def train_step(chunks, config, tokens: torch.Tensor, micro_batch_size: int, opti
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    from megatron_dsv3.parallel.placement import placement_of
-
     counted = (parallel_state.get_pipeline_model_parallel_rank() == placement_of(config).report_rank
                and parallel_state.get_tensor_model_parallel_rank() == 0)
     loss_sum = sum(float(r["lm loss"][0]) for r in reports) if counted else 0.0
@@ -315,8 +308,6 @@ def pipeline_forward(chunks, config, batch: dict) -> torch.Tensor | None:
     checking a placement before any schedule runs it; TP = CP = 1.
     """
     from megatron.core import parallel_state
-
-    from megatron_dsv3.parallel.placement import placement_of
 
     stages = placement_of(config).stages
     rank = parallel_state.get_pipeline_model_parallel_rank()

@@ -21,7 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_dsv3.args.compose import recipe_argv
 from megatron_dsv3.errors import ConfigError
+from megatron_dsv3.parallel.layout import SCHEDULE_NAMES
+from megatron_dsv3.parallel.placement import default_schedule
+from megatron_dsv3.recipe import load_recipe
+from megatron_dsv3.recipe.sizes import parallel_layout
 from megatron_dsv3.train.checkpoints import FolderLock, resume_step, step_folder
 from megatron_dsv3.train.processes import die_with_parent, free_port
 
@@ -46,8 +51,7 @@ def plan(recipe_name: str | None, overrides: list[str], nproc: int | None, extra
     """
     import torch
 
-    from megatron_dsv3.args.compose import recipe_argv
-    from megatron_dsv3.recipe import load_recipe
+    from megatron_dsv3.recipe.check import refuse_scheduler_flags  # lazy: as the two above (torch, at run time)
 
     overrides = list(overrides)
     if recipe_name is None and torch.cuda.is_available():
@@ -66,6 +70,7 @@ def plan(recipe_name: str | None, overrides: list[str], nproc: int | None, extra
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be at least 1", fix="give the number of processes to start",
                           key="nproc", where="command line")
+    refuse_scheduler_flags(extra_args, where="command line (after --)")
     argv = recipe_argv(recipe, nproc) + list(extra_args)
     checkpoints = recipe.checkpoint.save or recipe.checkpoint.load
     run_dir = Path(checkpoints) if checkpoints else Path("runs") / recipe.name
@@ -81,10 +86,6 @@ def plan(recipe_name: str | None, overrides: list[str], nproc: int | None, extra
 
 def _parallelism(p: TrainPlan) -> str:
     """`` (PP 2, DualPipeV, EP 2)``: the sizes above 1 and the pipeline schedule, if any."""
-    from megatron_dsv3.parallel.layout import SCHEDULE_NAMES
-    from megatron_dsv3.parallel.placement import default_schedule
-    from megatron_dsv3.recipe.sizes import parallel_layout
-
     lay = parallel_layout(p.recipe, p.nproc)
     parts = [f"{name} {size}" for name, size in (("TP", lay.tp), ("PP", lay.pp), ("EP", lay.ep), ("CP", lay.cp))
              if size > 1]
@@ -105,21 +106,33 @@ def run(train_plan: TrainPlan, *, verbose: bool = False) -> int:
     """Launch the workers, stream their output, summarise the run; return the exit code.
 
     The run folder is locked for the run (a second trainer on it is refused), and the workers die
-    with this process (a parent-death signal), however it ends.
+    with this process (a parent-death signal), however it ends.  A resumed run says first how its
+    LR schedule and layout differ from the checkpoint's, or is refused (:mod:`.resume`).
     """
     p = train_plan
-    if p.resume_from is not None and p.train_iters is not None and p.resume_from >= p.train_iters:
+    if (p.resume_from is not None and p.train_iters is not None and p.resume_from >= p.train_iters
+            and "--finetune" not in p.argv):
         done = "=" if p.resume_from == p.train_iters else ">"
         print(f"[megatron-dsv3] {p.run_dir} already holds the checkpoint of step {p.resume_from}"
               f" {done} training.train_iters={p.train_iters}; nothing to do. To train further, run again"
               f" with training.train_iters=N (N > {p.resume_from}); to start over, use another"
               f" checkpoint folder or delete {p.run_dir}.")
         return 0
+    resume = _resume_plan(p)
     with FolderLock(p.run_dir):
-        return _run_locked(p, verbose)
+        return _run_locked(p, verbose, resume)
 
 
-def _run_locked(p: TrainPlan, verbose: bool) -> int:
+def _resume_plan(p: TrainPlan):
+    """What resuming does (None: nothing to resume, or a format not read ahead); refusals raise."""
+    if p.resume_from is None:
+        return None
+    from megatron_dsv3.train.resume import plan_resume  # lazy: imports megatron.training (seconds), for resumes only
+
+    return plan_resume(p.recipe, p.argv, p.nproc, p.resume_from)
+
+
+def _run_locked(p: TrainPlan, verbose: bool, resume) -> int:
     log_path, metrics_path = p.run_dir / "train.log", p.run_dir / "metrics.jsonl"
     env = dict(os.environ)
     for name, value in worker_environment(p.recipe, str(metrics_path.resolve())).items():
@@ -128,10 +141,18 @@ def _run_locked(p: TrainPlan, verbose: bool) -> int:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     command = _command(p)
-    what = f"resuming from step {p.resume_from}" if p.resume_from is not None else "from scratch"
+    if p.resume_from is None:
+        what = "from scratch"
+    elif "--finetune" in p.argv or p.resume_from == 0:
+        what = f"from the weights in {p.recipe.checkpoint.load}"
+    else:
+        what = f"resuming from step {p.resume_from}"
     print(f"[megatron-dsv3] training {p.recipe.name} ({p.recipe.preset.name}) on "
           f"{'CPU' if p.recipe.is_cpu else 'GPU'} with {p.nproc} process(es){_parallelism(p)}, {what}; "
           f"full log: {log_path}", flush=True)
+    for line in (resume.schedule_line(), resume.layout_line()) if resume is not None else ():
+        if line:
+            print(f"[megatron-dsv3] {line}", flush=True)
     started = time.time()
     with open(log_path, "a") as log:
         log.write(f"\n=== {time.ctime()} {shlex.join(command)}\n")
@@ -200,9 +221,16 @@ def _summary(p: TrainPlan, metrics_path: Path, since: float) -> None:
 
 
 def run_under_torchrun(train_plan: TrainPlan) -> None:
-    """This process was started by torchrun: be one of the workers."""
+    """This process was started by torchrun: be one of the workers (refused here, before loading,
+    where :func:`run` would refuse; rank 0 prints how the schedule and layout change)."""
+    # lazy: the worker imports Megatron's training code; the launcher that only starts workers must not.
     from megatron_dsv3.train import worker
 
+    resume = _resume_plan(train_plan)
+    if resume is not None and os.environ.get("RANK") == "0":
+        for line in (resume.schedule_line(), resume.layout_line()):
+            if line:
+                print(f"[megatron-dsv3] {line}", flush=True)
     worker.run(train_plan.argv)
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import sys
 
+from megatron_dsv3.runtime.activation import activate
+from megatron_dsv3.runtime.catalog import apply_group
+from megatron_dsv3.train.steps import datasets_provider, embedding_ranks, forward_step
+
 
 def run(argv: list[str]) -> None:
-    from megatron_dsv3.runtime.activation import activate
-
     activate(source="megatron-dsv3 train")
-    from megatron_dsv3.runtime.catalog import apply_group
 
     apply_group("train")
 
@@ -24,8 +25,6 @@ def run(argv: list[str]) -> None:
     from megatron.training import pretrain
     from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
-
-    from megatron_dsv3.train.steps import datasets_provider, embedding_ranks, forward_step
 
     saved = sys.argv
     sys.argv = ["megatron-dsv3-train"] + list(argv)
