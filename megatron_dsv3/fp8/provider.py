@@ -1,6 +1,6 @@
 """The FP8 spec provider: every Linear of the ``dsv3`` spec in block-wise FP8 (DeepSeek-V3 section 3.3).
 
-A config whose options name this provider (:func:`megatron_dsv3.fp8.plan.model_options`, attached
+A config whose options name this provider (:func:`megatron_dsv3.fp8.provider.model_options`, attached
 where the arguments become a config) gets MLA's projections, the dense MLP, the shared experts, MTP's
 projection and the routed experts from :mod:`megatron_dsv3.fp8.linear` and
 :mod:`megatron_dsv3.fp8.experts`; each can defer its weight GEMM (DualPipe's W).  The embedding, output

@@ -256,7 +256,7 @@ class _Builder:
             else:
                 choices = [f"model.{k}" for k in sorted(known | {"preset", "experts"})]
                 raise self.fail(key_node, f"unknown key '{full}'",
-                                "use `preset`, `experts` or a ModelPreset field (megatron_dsv3/presets.py)",
+                                "use `preset`, `experts` or a ModelPreset field (megatron_dsv3/model/presets.py)",
                                 key=full, value=full, choices=choices)
         if section.preset is None:
             raise self.fail(node, "model.preset is missing",

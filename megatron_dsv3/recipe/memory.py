@@ -287,7 +287,7 @@ def _rank_memory(recipe, placement, row: list[Chunk], s: _Setup, microbatches: i
 def estimate_memory(recipe, world_size: int | None = None) -> "MemoryEstimate":
     """Memory per GPU of ``recipe`` at ``world_size`` (default: the recipe's), most loaded rank first.
 
-    The recipe is not validated here; :func:`megatron_dsv3.recipe.check.recipe_report` does both.
+    The recipe is not validated here; :func:`megatron_dsv3.recipe.report.recipe_report` does both.
     """
     ws = recipe.world_size(world_size)
     lay = parallel_layout(recipe, ws)
