@@ -1,7 +1,7 @@
 """FP8 training fidelity: emulated block-wise FP8 against BF16 training, over several seeds.
 
-DeepSeek-V3 reports a relative loss error below 0.25% for FP8 against BF16 training (section 3.3,
-FACTS.md).  This trains ``dsv3-tiny`` (or any preset) on the embedded corpus with Megatron's BF16
+DeepSeek-V3 reports a relative loss error below 0.25% for FP8 against BF16 training (arXiv
+2412.19437v2, section 3.3).  This trains ``dsv3-tiny`` (or any preset) on the embedded corpus with Megatron's BF16
 path (bf16 parameters and activations, fp32 gradients and master weights; on CPU too, through CPU
 mode) and with FP8 on top of it: the emulated ``deepseek`` recipe (fp32 scales ``amax / 448``)
 and, with ``--runs``, ``te-blockwise`` (power-of-two scales).  Every variant runs once per seed;

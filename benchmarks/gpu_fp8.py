@@ -8,10 +8,10 @@ carrying the repository is enough).  It
    identical FP8 codes and scales on the GPU and on the CPU, and ``torch._scaled_mm``'s output
    equals the emulated GEMM's within BF16 output rounding;
 2. times DeepSeek-V3's Linear shapes (hidden 7168; dense FFN 18432; expert 2048; the MLA
-   projections, FACTS.md): TFLOP/s of the BF16 GEMM, of the FP8 GEMM on pre-quantised operands,
-   and of FP8 including the quantisation of the activation (what a Linear pays), with the
-   speed-up over BF16 (target: FP8 >= 1.5x BF16 on the large shapes; DeepGEMM reaches about
-   1,550 TFLOP/s on H800);
+   projections: arXiv 2412.19437v2 section 4.2, ``config_671B.json``): TFLOP/s of the BF16 GEMM,
+   of the FP8 GEMM on pre-quantised operands, and of FP8 including the quantisation of the
+   activation (what a Linear pays), with the speed-up over BF16 (target: FP8 >= 1.5x BF16 on the
+   large shapes; DeepGEMM reaches about 1,550 TFLOP/s on H800, its README);
 3. measures the quantizer's bandwidth (bytes read + written per second), eager and compiled
    (``megatron_dsv3.fp8.fused_quantize``, one kernel), against the device's copy bandwidth.
 

@@ -1,7 +1,7 @@
 """The GPU proof run: one command that proves the PyTorch GPU path on one H100 or H200, in under 8 minutes.
 
 The GPU test machine has Python 3.12 and torch but neither megatron-core nor Transformer Engine, and
-no network (FACTS.md, "The GPU test machine"); the wheels travel with the command, in ``.whl/``.
+no network; the wheels travel with the command, in ``.whl/`` (at most 64 MiB at a time).
 
 On the GPU machine (the repository as the working directory)::
 

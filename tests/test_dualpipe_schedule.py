@@ -168,17 +168,18 @@ def test_on_transformer_engine_the_split_gives_way_to_the_overlap_unless_asked_f
 @pytest.mark.parametrize("schedule,pp,m,peak", [("dualpipe", 4, 8, 5), ("dualpipe", 8, 16, 9),
                                                 ("dualpipev", 4, 8, 9), ("dualpipev", 8, 16, 17)])
 def test_activations_in_flight_are_the_papers(schedule, pp, m, peak):
-    """FACTS.md: DualPipe holds PP+1 chunk activations; DualPipeV PP+1 over its 2P stages (2P+1 half chunks)."""
+    """DualPipe holds PP+1 chunk activations (arXiv 2412.19437v2, Table 2); DualPipeV PP+1 over its 2P stages
+    (2P+1 half chunks; the ``deepseek-ai/DualPipe`` README)."""
     assert max(len(deepseek_in_flight(schedule, pp, r, m)) for r in range(pp)) == peak
 
 
-# ---- the simulator against FACTS.md's bubble table ----
+# ---- the simulator against the paper's bubble table (arXiv 2412.19437v2, Table 2) ----
 @pytest.mark.parametrize("pp,m", [(4, 8), (4, 16), (8, 16), (8, 24)])
 @pytest.mark.parametrize("f,b,w,fb", [(1.0, 2.0, 1.0, 3.0), (2.0, 3.0, 1.0, 4.0), (1.5, 2.5, 1.0, 3.0)])
 def test_simulated_bubbles_equal_the_papers_formulas(pp, m, f, b, w, fb):
     """Bubble (the most idle rank) with free transfers: 1F1B (P-1)(F+B), interleaved (P-1)(F+B)/v,
     ZB1P (P-1)(F+B-2W), DualPipe (P/2-1)(F&B+B-3W), DualPipeV (P-1)(F&B+B-3W)/2 (half-size chunks)
-    — the DeepSeek ones with F = B - W and F&B >= B, where the paper's formula is exact (FACTS.md)."""
+    — the DeepSeek ones with F = B - W and F&B >= B, where the paper's formula (Table 2) is exact."""
     c = Costs(F=f, B=b, W=w, FB=fb)
     assert simulate("1f1b", pp, m, c).bubble == pytest.approx((pp - 1) * (f + b))
     assert simulate("interleaved", pp, m, c, vpp=2).bubble == pytest.approx((pp - 1) * (f + b) / 2)

@@ -5,7 +5,8 @@ With the TE backend and the zero-bubble split, TE's modules are built with ``del
 (``model/wgrad.py``: ``transformer_engine_deferring``, ``run_transformer_engine_wgrads``; the runner
 queues them for a deferring backward and runs them at once after any other).  These tests skip
 without CUDA and Transformer Engine, which neither this CPU machine nor the project's GPU machine
-has (FACTS.md): the TE path is unverified until a GPU with TE runs them
+has (the GPU machine has no network and takes 64 MiB at a time, TE's core wheel is 276 MB;
+``docs/benchmarks.md``): the TE path is unverified until a GPU with TE runs them
 (``pytest tests/test_dualpipe_transformer_engine.py``).
 """
 

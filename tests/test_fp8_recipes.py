@@ -1,9 +1,11 @@
 """FP8 recipes: the named recipes, the ``fp8:`` section, the plugin options and what they imply,
 the refusals of ``megatron-dsv3 check``, and the provider and BF16 policy in a built model.
 
-Facts asserted here (FACTS.md, "FP8 recipe" and "FP8 block-wise, details that bite"): DeepSeek's
-recipe (E4M3, 1x128 / 128x128, amax/448 fp32 scales, promotion every 128, BF16 moments), Transformer
-Engine's power-of-two default, Blackwell's power-of-two-only scales, Megatron-LM #1863.
+Facts asserted here: DeepSeek's recipe (E4M3, 1x128 / 128x128, amax/448 fp32 scales, promotion every 128,
+BF16 moments; arXiv 2412.19437v2, section 3.3), Transformer Engine's power-of-two default
+(``Float8BlockScaling`` in ``transformer_engine/common/recipe/__init__.py``, relaxed by
+``NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1``), Blackwell's power-of-two-only scales (TE runs block scaling there
+through MXFP8 GEMMs, whose E8M0 scales are powers of two; ``docs/fp8.md``), Megatron-LM #1863.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 No GPU runs these tests, so every call the backend makes goes through
 :class:`megatron_dsv3.testing.scaled_blas.ScaledBlasModel`, a model of PyTorch's block-wise checks
 (``aten/src/ATen/native/cuda/ScaledBlas.cpp``) and of the scale layout cuBLAS reads, under both of
-PyTorch's rules for a 128x128 scale's row stride (FACTS.md, "PyTorch pitfalls": padded to a multiple of
-4 chunks up to 2.9, exact from 2.10, PR #164953).  The model multiplies the dequantised operands in
+PyTorch's rules for a 128x128 scale's row stride (padded to a multiple of 4 chunks up to 2.9, exact from
+2.10, PyTorch PR #164953).  The model multiplies the dequantised operands in
 fp32; the reference is the emulation backend, which multiplies the same codes and scales chunk by
 chunk, so the two agree to fp32 summation order.
 """

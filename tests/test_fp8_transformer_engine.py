@@ -4,10 +4,10 @@ Transformer Engine cannot be imported without a GPU, and installing its pure-Pyt
 ``import megatron.core`` on a machine without the core library (``transformer_engine/common/
 __init__.py`` raises RuntimeError "Found empty `transformer-engine` meta package installed", which
 Megatron's ImportError guard does not catch), so it is not a test dependency.  Its recipe module
-(``transformer_engine/common/recipe/__init__.py``) needs only pydantic (FACTS.md): these tests
-download the 1.2 MB wheel once into the package cache (``$MEGATRON_DSV3_CACHE``, default
-``~/.cache/megatron-dsv3``) (``pip download transformer-engine==2.20.2
---no-deps``), load that one file by path, and skip, saying why, when the download is impossible.
+(``transformer_engine/common/recipe/__init__.py``) imports nothing but pydantic and the standard
+library: these tests download the 1.2 MB wheel once into the package cache (``$MEGATRON_DSV3_CACHE``,
+default ``~/.cache/megatron-dsv3``) (``pip download transformer-engine==2.20.2 --no-deps``), load
+that one file by path, and skip, saying why, when the download is impossible.
 """
 
 from __future__ import annotations

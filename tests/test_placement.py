@@ -2,8 +2,8 @@
 
 Megatron's own placements (1F1B, interleaved, layout strings) are checked against Megatron's own
 layer functions; DeepSeek's V (DualPipeV) and mirrored (DualPipe) placements against the rule of the
-paper's figure (arXiv 2412.19437v2, section 3.2.1; FACTS.md "DualPipe"): under DualPipeV rank r holds
-stages r and 2P-1-r, so rank 0 holds the embedding, the head, the loss and MTP.
+paper's figure (arXiv 2412.19437v2, section 3.2.1; the ``deepseek-ai/DualPipe`` README for DualPipeV):
+under DualPipeV rank r holds stages r and 2P-1-r, so rank 0 holds the embedding, the head, the loss and MTP.
 """
 
 from __future__ import annotations

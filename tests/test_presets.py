@@ -1,4 +1,4 @@
-"""Presets against the paper's numbers (../shared/FACTS.md) and against the models Megatron builds."""
+"""Presets against the paper's numbers (arXiv 2412.19437v2) and against the models Megatron builds."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from megatron_dsv3.model.presets import PRESETS, get_preset
 
 
 def test_deepseek_v3_preset_matches_the_paper_numbers():
-    """FACTS.md: 671B total, 37B activated, KV cache 61 x (512 + 64) x 2 bytes = 70,272 B/token."""
+    """671B total, 37B activated (arXiv 2412.19437v2, section 1); KV cache 61 x (512 + 64) x 2 bytes =
+    70,272 B/token ("Insights into DeepSeek-V3", arXiv 2505.09343, Table 1)."""
     c = count(get_preset("deepseek-v3"))
     assert abs(c.total_params / 671e9 - 1) < 0.005
     assert abs(c.active_params / 37e9 - 1) < 0.015

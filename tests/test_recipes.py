@@ -1,6 +1,7 @@
 """Recipes: loading, validation errors, Megatron arguments, the memory model, the shipped recipes.
 
-Paper numbers cited here are in ../shared/FACTS.md; Megatron behaviour is read from megatron-core 0.19.2.
+Paper numbers cited here are from the DeepSeek-V3 report (arXiv 2412.19437v2); Megatron behaviour is read
+from megatron-core 0.19.2.
 """
 
 from __future__ import annotations
@@ -124,8 +125,9 @@ def test_671b_recipes_are_estimated_to_fit_80_gb(name):
 
 
 def test_h800_recipe_uses_the_papers_parallelism_and_hyper_parameters():
-    """FACTS.md: PP16, EP64 over 8 nodes, ZeRO-1, no TP; AdamW 0.9/0.95, wd 0.1, lr 2.2e-4, clip 1.0,
-    batch ramp to 15360 over 469B tokens, seq 4K, MTP 0.3, bias update 0.001, seq-aux 1e-4; DualPipe.
+    """arXiv 2412.19437v2 sections 3.2 and 4.2: PP16, EP64 over 8 nodes, ZeRO-1, no TP; AdamW 0.9/0.95,
+    wd 0.1, lr 2.2e-4, clip 1.0, batch ramp to 15360 over 469B tokens, seq 4K, MTP 0.3, bias update 0.001,
+    seq-aux 1e-4; DualPipe.
     The ramp starts at 4096, not the paper's 3072: DualPipe needs 2 x PP = 32 micro-batches per DP rank."""
     r = load_recipe("deepseek-v3-671b-h800-2048")
     lay = parallel_layout(r)

@@ -1,9 +1,10 @@
 """Routed experts in block-wise FP8: Megatron's ``SequentialMLP`` of FP8 Linears, or the grouped experts in FP8.
 
-PyTorch has no block-wise FP8 grouped GEMM (``F.scaled_grouped_mm`` covers MXFP8 and row-wise only;
-FACTS.md), so either way each expert's GEMMs are separate FP8 GEMMs (one ``torch._scaled_mm`` per
-non-empty expert on a GPU).  What the grouped experts (:class:`FP8GroupedExperts`, the local
-backend's ``--dsv3-experts grouped``) save is the per-expert work around them:
+PyTorch has no block-wise FP8 grouped GEMM (``F.scaled_grouped_mm`` covers MXFP8 and row-wise only:
+``aten/src/ATen/native/cuda/ScaledBlas.cpp``, torch 2.14), so either way each expert's GEMMs are
+separate FP8 GEMMs (one ``torch._scaled_mm`` per non-empty expert on a GPU).  What the grouped experts
+(:class:`FP8GroupedExperts`, the local backend's ``--dsv3-experts grouped``) save is the per-expert work
+around them:
 
 * the permuted tokens of all experts are quantised in one pass: a 1x128 tile is one token's 128
   channels, so one quantisation serves every expert (the codes are those each expert's own

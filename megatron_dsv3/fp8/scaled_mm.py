@@ -1,6 +1,6 @@
 """The PyTorch GPU backend's GEMM: ``torch._scaled_mm`` with 1x128 and 128x128 block scales.
 
-Facts it relies on (FACTS.md, "FP8 block-wise, details that bite"; PyTorch's
+Facts it relies on (PyTorch PR #158037, which added block-wise scaling to ``torch._scaled_mm``; PyTorch's
 ``aten/src/ATen/native/cuda/ScaledBlas.cpp``, the v1 ``_scaled_mm_out_cuda`` path; the cuBLAS
 documentation, "128-element 1D and 128x128 2D block scaling for FP8 data types"):
 

@@ -7,7 +7,7 @@ Megatron-LM command-line arguments.
 
 Sources:
 * ``deepseek-v3``: DeepSeek-V3 technical report (arXiv 2412.19437v2) section 4.2 and the official
-  ``config_671B.json`` (see ``../shared/FACTS.md``).
+  ``config_671B.json`` (``deepseek-ai/DeepSeek-V3``, ``inference/configs/config_671B.json``).
 * ``deepseek-v2-lite``: DeepSeek-V2 report (arXiv 2405.04434) appendix B and the released
   ``DeepSeek-V2-Lite/config.json`` (15.7B total, 2.4B activated).
 * ``dsv3-proxy`` and ``dsv3-tiny``: ours; every V3 feature, scaled down.

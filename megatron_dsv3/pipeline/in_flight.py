@@ -9,8 +9,8 @@ expert-parallel overlap (``combined_1f1b``: the forward paired with the first ba
 
 DeepSeek's schedules are replayed from the engine's per-rank order: a forward's activations live from
 its ``F`` until its backward is done (its ``B``; with the zero-bubble split, its ``W``, counted whole),
-and the two micro-batches of an overlapped pair are both alive while it runs.  DualPipe's table in
-FACTS.md ("activations per rank: PP+1") counts the same thing in stage-sized units.
+and the two micro-batches of an overlapped pair are both alive while it runs.  DualPipe's activation
+memory of PP+1 (arXiv 2412.19437v2, Table 2) counts the same thing in stage-sized units.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ own forward).  The figures:
 * ``param_multiplier``: parameters per rank against 1F1B on as many ranks (DualPipe holds every
   stage twice: 2; the others 1).
 
-With ``C = 0`` the bubbles equal FACTS.md's table: 1F1B ``(P-1)(F+B)``, interleaved
+With ``C = 0`` the bubbles equal the paper's Table 2 (arXiv 2412.19437v2, section 3.2.1; DualPipeV's
+row from the ``deepseek-ai/DualPipe`` README): 1F1B ``(P-1)(F+B)``, interleaved
 ``(P-1)(F+B)/vpp``, ZB1P ``(P-1)(F+B-2W)``, DualPipe ``(P/2-1)(FB+B-3W)`` and DualPipeV
 ``(P-1)(FB+B-3W)/2`` (its chunks are half shares), the DeepSeek ones exact when ``F = B - W`` (a
 forward costs what an input-gradient backward does) and ``FB >= B`` (an overlapped pair takes at least

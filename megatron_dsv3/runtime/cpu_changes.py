@@ -4,8 +4,9 @@ Megatron-Core 0.19 assumes CUDA in hundreds of places: tensors allocated with
 ``device=torch.cuda.current_device()`` or ``device="cuda"``, CUDA streams, events and NVTX ranges,
 the CUDA RNG behind its model-parallel RNG tracker.  Rather than patch each site, CPU mode gives
 PyTorch CPU stand-ins for the CUDA calls Megatron makes, and a handful of Megatron functions get
-targeted replacements where a CPU stand-in cannot express the fix.  See ``../shared/FACTS.md``,
-"Megatron-Core on CPU", for the list of obstacles these remove.
+targeted replacements where a CPU stand-in cannot express the fix.  ``docs/cpu-mode.md`` lists the
+obstacles these remove, and ``docs/megatron-changes.md`` each change with the Megatron function it replaces
+and why.
 
 These are only ever applied by :func:`megatron_dsv3.runtime.cpu_mode.enable_cpu_mode`, which refuses to run
 when a GPU is visible, so a GPU run never sees them.
