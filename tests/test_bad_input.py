@@ -9,8 +9,10 @@ import pytest
 
 from megatron_dsv3.args.compose import megatron_argv
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.parallel import ParallelLayout
 from megatron_dsv3.model.presets import get_preset
+from megatron_dsv3.parallel import ParallelLayout
+
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
 
 TINY = get_preset("dsv3-tiny")
 

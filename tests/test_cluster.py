@@ -12,6 +12,8 @@ import pytest
 from megatron_dsv3.cli import main
 from megatron_dsv3.cluster.preflight import allocation_problems
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 GPU_RECIPE = "deepseek-v2-lite-8gpu"  # 8 GPUs on one node, checkpoint.save set, no checkpoint.load
 
 

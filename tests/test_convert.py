@@ -449,9 +449,10 @@ def test_export_keeps_the_sources_token_ids_and_generation_config(tmp_path, mega
 
 def test_cli_converts_and_megatron_dsv3_train_starts_from_it(tmp_path):
     """The commands a user runs: convert a dsv3-tiny-shaped HF checkpoint, train 2 steps from it."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
     from megatron_dsv3.convert.hf_config import hf_config_from_preset
     from megatron_dsv3.model.presets import get_preset
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     preset = get_preset("dsv3-tiny")
     config = hf_config_from_preset(preset)

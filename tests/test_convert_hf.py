@@ -20,13 +20,18 @@ import torch
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from megatron_dsv3.convert.hf_config import (  # noqa: E402
-    TRAINING_ONLY, check_against, hf_config_from_preset, preset_from_hf_config,
+    TRAINING_ONLY,
+    check_against,
+    hf_config_from_preset,
+    preset_from_hf_config,
 )
 from megatron_dsv3.convert.hf_reader import HFCheckpoint, dequantize_fp8  # noqa: E402
 from megatron_dsv3.convert.hf_writer import write_hf_checkpoint  # noqa: E402
 from megatron_dsv3.errors import ConfigError  # noqa: E402
 from megatron_dsv3.model.hf_names import hf_shapes  # noqa: E402
 from megatron_dsv3.model.presets import PRESETS, get_preset  # noqa: E402
+
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
 
 # 2 layers (1 dense, 1 MoE of 8 experts in 2 groups) + an MTP layer; small enough to write in ms.
 SMALL = get_preset("dsv3-tiny").with_overrides(

@@ -32,6 +32,8 @@ from test_convert import CONFIGS, TOKENS, _hf_model, _save_hf  # noqa: E402
 from megatron_dsv3.convert import run  # noqa: E402
 from megatron_dsv3.parallel import ParallelLayout  # noqa: E402
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 _OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.", "embed_tokens.")
 
 

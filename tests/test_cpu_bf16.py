@@ -16,6 +16,8 @@ import torch
 from megatron_dsv3.parallel import ParallelLayout
 from megatron_dsv3.testing import parallel
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 LR, WD, CLIP, BETAS, EPS = 3e-3, 0.1, 1.0, (0.9, 0.95), 1e-8
 
 

@@ -93,6 +93,7 @@ ORDERS = ["cache_built_before", "cache_built_during"]
 
 
 @pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.quick
 def test_meta_device_construction_works_during_and_after_cpu_mode(cpu_mode_off, order):
     """``with torch.device("meta")`` makes meta tensors in CPU mode and after it, whether PyTorch
     built its set of factory functions before CPU mode or during it (it used to hold CPU mode's
@@ -107,6 +108,7 @@ def test_meta_device_construction_works_during_and_after_cpu_mode(cpu_mode_off, 
 
 
 @pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.quick
 def test_set_default_device_works_during_and_after_cpu_mode(cpu_mode_off, order):
     _forget_device_constructors(order)
     for on in (True, False):
@@ -119,6 +121,7 @@ def test_set_default_device_works_during_and_after_cpu_mode(cpu_mode_off, order)
             assert not torch.zeros(1).is_meta
 
 
+@pytest.mark.quick
 def test_disable_cpu_mode_puts_back_every_object_it_replaced(cpu_mode_off):
     """Every attribute a ``cpu`` change replaced holds its original again, a module imported during
     CPU mode that bound a stand-in by name (``from torch import zeros``) gets the original, and
@@ -207,6 +210,7 @@ def test_from_pretrained_after_megatron_built_a_model_in_cpu_mode_equals_a_fresh
         cpu.enable_cpu_mode()  # as the session's other tests expect
 
 
+@pytest.mark.quick
 def test_cpu_stand_ins_refuse_what_cuda_refuses():
     """A CPU stand-in keeps the contract of what it replaces, so that a CPU test fails where a GPU
     run would: no stream where one is needed, timing without ``enable_timing``, bf16 ``grad`` in
@@ -242,6 +246,7 @@ def test_cpu_stand_ins_refuse_what_cuda_refuses():
         assert torch.equal(pinned, t) and pinned.data_ptr() != t.data_ptr()
 
 
+@pytest.mark.quick
 def test_cpu_streams_are_current_as_cuda_streams_are():
     """The current stream is one object until ``torch.cuda.stream(s)`` makes ``s`` current (code
     that compares streams takes its GPU branch); Megatron's comm stream is None until

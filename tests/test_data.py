@@ -21,6 +21,8 @@ import pytest
 from megatron_dsv3 import data
 from megatron_dsv3.model.presets import get_preset
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 EOD = 2  # `</s>` in tools/train_tokenizer.py; Megatron's GPTSentencePieceTokenizer eod is eos_id
 SAMPLE = "Return a new list containing all items from the iterable in ascending order."
 

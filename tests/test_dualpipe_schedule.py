@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.pipeline.constraints import decide_options, resolve_options
 from megatron_dsv3.parallel.schedule_rules import check_microbatches
+from megatron_dsv3.pipeline.constraints import decide_options, resolve_options
 from megatron_dsv3.pipeline.engine import global_microbatch, rank_ops, rank_program
 from megatron_dsv3.pipeline.in_flight import deepseek_in_flight
 from megatron_dsv3.pipeline.simulator import Costs, simulate
+
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "dualpipe_reference_orders.json").read_text())
 
@@ -260,7 +262,7 @@ def test_schedule_errors_name_the_problem():
 
 # ---- where users set them: recipes and Megatron's arguments ----
 def _check(*overrides: str):
-    from megatron_dsv3.recipe import recipe_report, load_recipe
+    from megatron_dsv3.recipe import load_recipe, recipe_report
 
     return recipe_report(load_recipe("dsv3-tiny-cpu", list(overrides)))
 
@@ -294,7 +296,7 @@ def test_recipe_check_prints_the_resolved_options_and_why():
 @pytest.mark.parametrize("overrides", [[], ["parallel.fb_overlap=null"]], ids=["as shipped", "default"])
 def test_the_h800_recipe_keeps_its_moe_recompute_and_its_estimate(overrides):
     """Its 79.6-of-80-GiB estimate counts the `moe` recompute; the overlap that would skip it is off."""
-    from megatron_dsv3.recipe import recipe_report, load_recipe
+    from megatron_dsv3.recipe import load_recipe, recipe_report
 
     report = recipe_report(load_recipe("deepseek-v3-671b-h800-2048", overrides))
     text = report.render()

@@ -10,7 +10,6 @@ import re
 import shutil
 
 import pytest
-
 from test_train_job import _losses, _train
 
 V = ("parallel.pp=2", "parallel.schedule=dualpipev", "training.train_iters=8", "checkpoint.save_interval=4")

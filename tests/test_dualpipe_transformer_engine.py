@@ -15,6 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 
 def _transformer_engine():
     if not torch.cuda.is_available():

@@ -57,6 +57,7 @@ def _same(codes, scale_inv, want) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0][0]}x{c[0][1]}-{c[1]}-m{c[2]}{'-T' if c[4] else ''}")
+@pytest.mark.quick
 def test_the_fused_formulation_gives_the_eager_codes_and_scales_bit_for_bit(case, dtype):
     block, scale, margin, eps, transpose = case
     x = _hard_tensor(300, 576, dtype)  # partial blocks both ways (300 = 2 x 128 + 44; 576 = 4.5 x 128)
@@ -66,6 +67,7 @@ def test_the_fused_formulation_gives_the_eager_codes_and_scales_bit_for_bit(case
     assert bool(finite) and codes.is_contiguous()
 
 
+@pytest.mark.quick
 def test_the_false_tie_is_rounded_as_the_exact_quotient():
     """A float32 quotient rounds 114 / fl32(152/448) onto the tie 336 (then to 320); the exact one is
     above it (352).  Both quantizers give 352."""
@@ -74,6 +76,7 @@ def test_the_false_tie_is_rounded_as_the_exact_quotient():
     assert float(codes[0, 128].float()) == 352.0 == float(quantize(x, (1, 128)).data[0, 128].float())
 
 
+@pytest.mark.quick
 def test_the_fused_quantizer_refuses_non_finite_values_as_the_eager_one_does():
     x = _hard_tensor(4, 384, torch.float32)
     x[2, 7] = float("nan")

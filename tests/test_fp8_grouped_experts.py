@@ -15,7 +15,9 @@ import torch
 
 from megatron_dsv3.fp8.plan import FP8Plan
 from megatron_dsv3.fp8.recipes import named_recipe
-from megatron_dsv3.testing.scaled_blas import ScaledBlasModel, rule_for
+from megatron_dsv3.testing.scaled_blas import ScaledBlasModel
+
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
 
 DEEPSEEK = named_recipe("deepseek")
 EMULATED, PYTORCH = FP8Plan(recipe=DEEPSEEK, backend="emulated"), FP8Plan(recipe=DEEPSEEK, backend="pytorch")
@@ -25,7 +27,6 @@ EMULATED, PYTORCH = FP8Plan(recipe=DEEPSEEK, backend="emulated"), FP8Plan(recipe
 def experts(megatron_single_process):
     """dsv3-tiny's FP8 routed experts (16 experts, hidden 128, width 64), grouped and sequential, same seed."""
     import pytest as _pytest
-
     from test_fp8_recipes import _fp8_model
 
     built = {}

@@ -22,6 +22,8 @@ from megatron_dsv3.fp8.plan import FP8Plan
 from megatron_dsv3.fp8.quantize import FP8NonFiniteError, quantize, quantize_for
 from megatron_dsv3.fp8.recipes import E4M3_MAX, named_recipe
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 DEEPSEEK = named_recipe("deepseek")
 
 

@@ -45,8 +45,8 @@ def _mlp_errors(sizes):
     from megatron_dsv3.fp8.linear import FP8ColumnParallelLinear, FP8RowParallelLinear, _FP8Linear
     from megatron_dsv3.fp8.plan import FP8Plan
     from megatron_dsv3.fp8.provider import model_options
-    from megatron_dsv3.model.options import attach_options
     from megatron_dsv3.fp8.recipes import named_recipe
+    from megatron_dsv3.model.options import attach_options
     from megatron_dsv3.testing import parallel
 
     tp, tokens = 2, 256

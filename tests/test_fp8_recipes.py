@@ -15,7 +15,9 @@ import torch
 
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.fp8.recipes import ALWAYS_BF16, named_recipe
-from megatron_dsv3.recipe import recipe_report, loads_recipe
+from megatron_dsv3.recipe import loads_recipe, recipe_report
+
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
 
 
 def test_the_deepseek_recipe_is_the_papers():

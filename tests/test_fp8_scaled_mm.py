@@ -21,6 +21,8 @@ from megatron_dsv3.fp8.quantize import quantize
 from megatron_dsv3.fp8.recipes import named_recipe
 from megatron_dsv3.testing.scaled_blas import RULES, OutOfBoundsScaleRead, ScaledBlasModel, rule_for
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 DEEPSEEK = named_recipe("deepseek")
 PYTORCH, EMULATED = FP8Plan(recipe=DEEPSEEK, backend="pytorch"), FP8Plan(recipe=DEEPSEEK, backend="emulated")
 

@@ -26,6 +26,8 @@ from megatron_dsv3.fp8.recipes import named_recipe
 from megatron_dsv3.fp8.support import two_d_by_two_d
 from megatron_dsv3.fp8.te import FP32_SCALES_ENV, float8_block_scaling, quantizer_kwargs
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 TE_VERSION = "2.20.2"
 RECIPE_FILE = "transformer_engine/common/recipe/__init__.py"
 QUANTIZER_FILE = "transformer_engine/pytorch/tensor/float8_blockwise_tensor.py"

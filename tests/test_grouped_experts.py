@@ -66,6 +66,7 @@ def _run(experts, counts, x, probs, dy):
     return out.detach(), x.grad, probs.grad
 
 
+@pytest.mark.quick
 def test_grouped_experts_start_from_the_sequential_experts_weights(models):
     """Same seed, same random draws: every parameter of the two models is equal, experts stacked."""
     grouped, sequential = models["grouped"], models["sequential"]
@@ -79,6 +80,7 @@ def test_grouped_experts_start_from_the_sequential_experts_weights(models):
             assert torch.equal(p, others[name]), name
 
 
+@pytest.mark.quick
 def test_grouped_experts_equal_sequential_experts_bit_for_bit_with_empty_experts(models):
     """Outputs, input and gate-value gradients and weight gradients in fp32, bit for bit; experts
     without tokens get exactly zero weight gradients."""
@@ -95,6 +97,7 @@ def test_grouped_experts_equal_sequential_experts_bit_for_bit_with_empty_experts
         assert (grad[counts > 0].abs().amax(dim=(1, 2)) > 0).all()
 
 
+@pytest.mark.quick
 def test_whole_models_with_grouped_or_sequential_experts_give_equal_logits_and_gradients(models):
     grouped, sequential = models["grouped"], models["sequential"]
     tokens = torch.randint(0, 4096, (2, 129), generator=torch.Generator().manual_seed(1))
@@ -114,6 +117,7 @@ def test_whole_models_with_grouped_or_sequential_experts_give_equal_logits_and_g
 
 
 @pytest.mark.parametrize("saved,loaded", [("sequential", "grouped"), ("grouped", "sequential")])
+@pytest.mark.quick
 def test_distributed_checkpoints_load_across_grouped_and_sequential_experts(models, tmp_path, saved, loaded):
     """Megatron's torch_dist checkpoint of one loads into the other (built from another seed) and the
     logits are equal: the grouped experts write SequentialMLP's keys, shapes and offsets."""
@@ -130,6 +134,7 @@ def test_distributed_checkpoints_load_across_grouped_and_sequential_experts(mode
         assert torch.equal(target(tokens, positions, None), models[saved](tokens, positions, None))
 
 
+@pytest.mark.quick
 def test_a_sequential_state_dict_loads_into_grouped_experts_stacked(models, megatron_single_process):
     g = _build("grouped", seed=5)
     experts = _experts(g)
@@ -140,6 +145,7 @@ def test_a_sequential_state_dict_loads_into_grouped_experts_stacked(models, mega
         experts.load_state_dict(partial)
 
 
+@pytest.mark.quick
 def test_the_grouped_weight_gradient_waits_in_the_zero_bubble_queue(models):
     """While DualPipe's B runs (the queue deferring), the weight GEMMs are queued; W computes them."""
     from megatron_dsv3.model.wgrad import WGRAD
@@ -158,6 +164,7 @@ def test_the_grouped_weight_gradient_waits_in_the_zero_bubble_queue(models):
     assert all(torch.equal(p.grad, w) for p, w in zip(g.parameters(), want))
 
 
+@pytest.mark.quick
 def test_experts_choice_sets_megatrons_moe_grouped_gemm_and_a_contradiction_is_named(megatron_single_process):
     from megatron_dsv3.args.compose import megatron_argv
     from megatron_dsv3.args.settings import parse_megatron_args
@@ -169,6 +176,7 @@ def test_experts_choice_sets_megatrons_moe_grouped_gemm_and_a_contradiction_is_n
         parse_megatron_args(argv[2:])
 
 
+@pytest.mark.quick
 def test_grouped_experts_where_grouped_mm_is_missing_are_an_error_naming_the_fix(monkeypatch):
     """Asking for grouped experts where ``grouped_mm`` cannot run is an error that names the fix;
     ``auto`` then runs sequential experts and says so once."""
@@ -190,6 +198,7 @@ def test_grouped_experts_where_grouped_mm_is_missing_are_an_error_naming_the_fix
         backends.grouped_mm_status.cache_clear()
 
 
+@pytest.mark.quick
 def test_grouped_experts_refuse_what_they_do_not_implement(megatron_single_process):
     from megatron_dsv3.model.grouped_experts import check_config_for_grouped_experts
 
@@ -220,6 +229,7 @@ def test_expert_tensor_parallel_layouts_with_grouped_experts_match_one_process(t
         assert r["expert_bias_max_abs_err"] == 0.0, name
 
 
+@pytest.mark.quick
 def test_empty_experts_weight_gradients_are_zeroed_whatever_the_kernel_left():
     """Blackwell's grouped_mm has left garbage in empty groups' weight gradients (pytorch#172439)."""
     from megatron_dsv3.model.grouped_gemm import zero_empty_experts

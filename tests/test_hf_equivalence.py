@@ -13,6 +13,8 @@ import torch
 from megatron_dsv3.model import hf_names as hf_mapping
 from megatron_dsv3.model.presets import get_preset
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 transformers = pytest.importorskip("transformers")
 
 TINY = get_preset("dsv3-tiny")

@@ -90,6 +90,7 @@ def test_environment_switch_turns_the_hook_off():
     assert "OPTIONS False" in off.stdout and "IMPORTED False" in off.stdout
 
 
+@pytest.mark.quick
 def test_the_installed_pth_file_is_the_hooks_line():
     assert hook.pth_path().read_text() == hook.pth_line()
     repo_copy = Path(__file__).resolve().parents[1] / "megatron-dsv3.pth"
@@ -135,6 +136,7 @@ def test_a_broken_plugin_only_warns_and_megatron_still_imports():
     assert "megatron-dsv3: the start-up hook could not activate (ImportError: boom)" in out.stderr
 
 
+@pytest.mark.quick
 def test_patch_for_megatron_lm_checkouts_calls_the_same_activation():
     patch = Path(__file__).resolve().parents[1] / "patches" / "megatron-lm-core_r0.19.x-pretrain_gpt.patch"
     added = [line[1:] for line in patch.read_text().splitlines() if line.startswith("+") and not line.startswith("+++")]

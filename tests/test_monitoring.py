@@ -17,9 +17,9 @@ import sys
 
 import numpy as np
 import pytest
+from test_train_job import _train
 
 from megatron_dsv3.pipeline.engine import rank_program
-from test_train_job import _train
 
 STEPS, WARMUP, LR, MIN_LR = 4, 2, 3.0e-3, 3.0e-4  # _train sets lr_warmup_iters=2
 TOKENS = 4 * 64  # global batch 4 x seq 64
@@ -126,6 +126,7 @@ def test_plot_draws_loss_mtp_loss_throughput_learning_rate_and_expert_load_of_ru
     assert [t.get_text() for t in heat.get_yticklabels()] == ["layer 2", "layer 3", "layer 4", "MTP 1"]
 
 
+@pytest.mark.quick
 def test_the_kept_expert_load_is_the_all_reduced_count_the_bias_update_moves_the_bias_by(megatron_single_process):
     import importlib
 
@@ -161,6 +162,7 @@ def test_the_kept_expert_load_is_the_all_reduced_count_the_bias_update_moves_the
         assert metrics_changes.max_violation(load[layer]) == c.max() / c.mean() - 1
 
 
+@pytest.mark.quick
 def test_logging_and_profiling_keys_become_megatrons_own_arguments(monkeypatch, tmp_path):
     """Parsed by Megatron's own parser (what stock pretrain_gpt.py gets from `megatron-dsv3 args`)."""
     import os
@@ -195,6 +197,7 @@ def test_logging_and_profiling_keys_become_megatrons_own_arguments(monkeypatch, 
      "logging.wandb_project needs a folder"),
     (["logging.wandb_mode=offlne"], "offline"),
 ])
+@pytest.mark.quick
 def test_logging_and_profiling_keys_a_run_cannot_use_are_refused_with_the_fix(overrides, words):
     from megatron_dsv3.args.compose import recipe_argv
     from megatron_dsv3.errors import ConfigError

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from megatron_dsv3.train.steps import loss_func
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 V, D, S, G, WEIGHT = 13, 4, 32, 2, 0.3  # vocabulary, hidden, sequence, sequences per step, MTP weight
 
 

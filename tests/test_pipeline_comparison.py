@@ -14,6 +14,8 @@ from megatron_dsv3.pipeline.dp_reduction import chunk_ms, step_with_reduction
 from megatron_dsv3.pipeline.in_flight import forward_order, microbatch_group
 from megatron_dsv3.pipeline.simulator import Costs, simulate
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 
 @pytest.mark.parametrize("pp,m", [(2, 4), (4, 8), (4, 10), (8, 16), (16, 120)])
 def test_ep_overlapped_1f1b_runs_megatrons_order_with_its_warmup_and_pairs(pp, m):

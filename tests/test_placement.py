@@ -17,6 +17,8 @@ from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.parallel import ParallelLayout, place, placement_for
 from megatron_dsv3.parallel.megatron_layout import megatron_layout
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 
 def _megatron_config(num_layers: int, pp: int, vpp: int | None):
     return SimpleNamespace(

@@ -11,6 +11,8 @@ import pytest
 from megatron_dsv3.model.accounting import count
 from megatron_dsv3.model.presets import PRESETS, get_preset
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 
 def test_deepseek_v3_preset_matches_the_paper_numbers():
     """671B total, 37B activated (arXiv 2412.19437v2, section 1); KV cache 61 x (512 + 64) x 2 bytes =

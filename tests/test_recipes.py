@@ -21,15 +21,17 @@ from megatron_dsv3.model.accounting import count
 from megatron_dsv3.parallel import placement_for
 from megatron_dsv3.pipeline.in_flight import megatron_in_flight as in_flight
 from megatron_dsv3.recipe import (
-    recipe_report,
     estimate_memory,
     load_recipe,
     loads_recipe,
     parallel_layout,
+    recipe_report,
     shipped_recipes,
     validate_recipe,
 )
 from megatron_dsv3.recipe.schema import Recipe, schema_fields, yaml_name
+
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
 
 
 def placement(preset, layout):

@@ -8,9 +8,12 @@ balance the load.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_dsv3.model.presets import get_preset
+
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
 
 SMALL_ROUTER = dict(num_routed_experts=8, moe_router_topk=2, num_groups=1, group_topk=1, route_scale=2.5)
 

@@ -14,6 +14,8 @@ import torch
 
 from megatron_dsv3.model.presets import get_preset
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 transformers = pytest.importorskip("transformers")
 
 # (experts, groups, topk, group_topk): Megatron-Core 0.19 alone scores a group by its top

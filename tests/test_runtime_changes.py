@@ -11,6 +11,8 @@ import pytest
 
 from megatron_dsv3.runtime import catalog, registry
 
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
+
 CHANGES = catalog.all_changes()
 
 

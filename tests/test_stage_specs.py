@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_dsv3.parallel import ParallelLayout
 from megatron_dsv3.model.presets import get_preset
+from megatron_dsv3.parallel import ParallelLayout
+
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
 
 PRESET = get_preset("dsv3-tiny").with_overrides(num_layers=8, first_k_dense=3)
 

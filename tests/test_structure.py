@@ -86,6 +86,7 @@ def _cycle(graph) -> list[str] | None:
     return None
 
 
+@pytest.mark.quick
 def test_no_import_cycle_between_the_packages_modules_counting_imports_inside_functions():
     graph = _graph()
     assert len(graph) > 40 and "megatron_dsv3.parallel.placement" in graph["megatron_dsv3.model.spec"]
@@ -93,10 +94,12 @@ def test_no_import_cycle_between_the_packages_modules_counting_imports_inside_fu
     assert cycle is None, " -> ".join(cycle)
 
 
+@pytest.mark.quick
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
+@pytest.mark.quick
 def test_no_production_module_imports_the_test_harness():
     offenders = {m: sorted(d for d in deps if d.startswith("megatron_dsv3.testing"))
                  for m, deps in _graph().items() if not m.startswith("megatron_dsv3.testing")}
@@ -122,10 +125,12 @@ def _upward(graph: dict[str, set[str]]) -> list[str]:
     return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if _layer(d) > _layer(m))
 
 
+@pytest.mark.quick
 def test_every_import_points_down_the_layers_counting_imports_inside_functions():
     assert _upward(_graph()) == []
 
 
+@pytest.mark.quick
 def test_the_layer_check_catches_an_upward_import():
     graph = {"megatron_dsv3.model.spec": {"megatron_dsv3.parallel.placement"},
              "megatron_dsv3.parallel.placement": {"megatron_dsv3.errors"}, "megatron_dsv3.errors": set()}
@@ -134,6 +139,7 @@ def test_the_layer_check_catches_an_upward_import():
     assert _upward(graph) == ["megatron_dsv3.model.spec -> megatron_dsv3.fp8.linear"]
 
 
+@pytest.mark.quick
 def test_the_architecture_page_lists_the_layers_in_this_order():
     text = (ROOT / "docs" / "architecture.md").read_text()
     paragraph = text[text.index("Layers, bottom to top:"):].split("\n\n")[0]
@@ -172,11 +178,13 @@ def _function_level_imports() -> list[tuple[str, int, str]]:
     return sorted(set(found))
 
 
+@pytest.mark.quick
 def test_imports_of_the_package_inside_functions_say_why_they_are_lazy():
     """Lazy loading is the only reason to import the package inside a function (a cycle is not)."""
     assert [f"{f}:{n}: {t}" for f, n, t in _function_level_imports()] == []
 
 
+@pytest.mark.quick
 def test_no_module_is_over_400_lines():
     sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert {p: n for p, n in sizes.items() if n > 400} == {}
@@ -260,6 +268,7 @@ def _tiny_config(experts: str = "auto", **overrides):
                                                                 cpu=True, experts=experts)))
 
 
+@pytest.mark.quick
 def test_building_a_spec_changes_nothing(megatron_single_process):
     from megatron.core.transformer import multi_latent_attention
 
@@ -276,6 +285,7 @@ def test_building_a_spec_changes_nothing(megatron_single_process):
 
 
 @pytest.mark.parametrize("experts", ["sequential", "grouped"])
+@pytest.mark.quick
 def test_a_provider_swaps_every_linear_of_the_model(megatron_single_process, experts):
     """Attention (with MLA's down-projections), dense MLP, routed and shared experts and MTP's
     projection all come from the provider; only the output head, built by GPTModel, does not.
@@ -371,6 +381,7 @@ def test_with_transformer_engines_provider_the_spec_is_megatrons_te_mla_layer(mo
     assert _structure(ours.submodules) == _structure(megatron)
 
 
+@pytest.mark.quick
 def test_auto_backend_names_the_import_error_of_a_broken_transformer_engine(monkeypatch):
     import importlib.util
 

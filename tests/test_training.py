@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from megatron_dsv3.parallel import ParallelLayout
 from megatron_dsv3.testing import parallel
+
+pytestmark = pytest.mark.quick  # the quick tier: pytest -m quick (README)
 
 
 def test_dsv3_tiny_loss_falls_on_a_fixed_batch_with_mtp(megatron_single_process):
