@@ -7,6 +7,14 @@ import sys
 from pathlib import Path
 
 
+def _add_job_arguments(p, *, nodes: str, per_node: str) -> None:
+    """What both job writers take: the recipe, its overrides, the nodes and the GPUs on each."""
+    p.add_argument("recipe", help="a recipe YAML file or the name of a shipped recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
+    p.add_argument("--nodes", type=int, required=True, help=nodes)
+    p.add_argument("--gpus-per-node", type=int, default=None, dest="per_node", help=per_node)
+
+
 def add_slurm_parser(sub) -> None:
     p = sub.add_parser(
         "slurm", help="write a Slurm batch script for a recipe (torchrun per node, requeue, save before the time limit)",
@@ -14,12 +22,8 @@ def add_slurm_parser(sub) -> None:
         " on the job's own machine, one torchrun per node (c10d rendezvous on the first node), --requeue, and a"
         " SIGTERM to Megatron (--exit-signal-handler) --stop-minutes before the time limit, so that every try"
         " resumes from the recipe's checkpoint folder. docs/cluster.md shows the commands.")
-    p.add_argument("recipe", help="a recipe YAML file or the name of a shipped recipe")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
-    p.add_argument("--nodes", type=int, required=True, help="nodes to run on")
-    p.add_argument("--gpus-per-node", type=int, default=None, dest="per_node",
-                   help="GPUs per node (default: the recipe's hardware.gpus_per_node); CPU recipes: processes"
-                   " per node (default: parallel.world_size / nodes)")
+    _add_job_arguments(p, nodes="nodes to run on", per_node="GPUs per node (default: the recipe's"
+                       " hardware.gpus_per_node); CPU recipes: processes per node (default: parallel.world_size / nodes)")
     p.add_argument("--partition", default=None, help="Slurm partition (--partition)")
     p.add_argument("--account", default=None, help="Slurm account (--account)")
     p.add_argument("--time", default=None, help="time limit, Slurm syntax (e.g. 04:00:00 or 2-00:00:00)")
@@ -59,11 +63,8 @@ def add_k8s_parser(sub) -> None:
         description="Checks the recipe as `slurm` does, then writes a JobSet (jobset.x-k8s.io/v1alpha2): an Indexed"
         " Job of one pod per node, one torchrun per pod, SIGTERM on eviction makes Megatron save, the JobSet"
         " restarts every pod, each resumes from the checkpoint volume. docs/cluster.md.")
-    p.add_argument("recipe", help="a recipe YAML file or the name of a shipped recipe")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
-    p.add_argument("--nodes", type=int, required=True, help="pods (one per node)")
-    p.add_argument("--gpus-per-node", type=int, default=None, dest="per_node",
-                   help="GPUs per pod (default: the recipe's hardware.gpus_per_node)")
+    _add_job_arguments(p, nodes="pods (one per node)",
+                       per_node="GPUs per pod (default: the recipe's hardware.gpus_per_node)")
     p.add_argument("--container-image", nargs="?", const="", default=None, help="the image with megatron-dsv3")
     p.add_argument("--volume", default=None, metavar="CLAIM:/PATH",
                    help="a PersistentVolumeClaim every pod mounts at PATH; checkpoint.save must be under it")

@@ -15,7 +15,7 @@ import os
 import sys
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.recipe import recipe_report, load_recipe
+from megatron_dsv3.recipe import load_recipe, recipe_report
 from megatron_dsv3.train.checkpoints import resume_step
 
 PREFLIGHT_DONE = 3  # the exit status meaning "the checkpoint already holds the last step"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_dsv3.errors import ConfigError
-from megatron_dsv3.recipe import recipe_report, load_recipe
+from megatron_dsv3.recipe import load_recipe, recipe_report
 from megatron_dsv3.recipe.schema import Recipe
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")

@@ -23,8 +23,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from megatron_dsv3.convert.hf_config import hf_config_from_preset
 from megatron_dsv3.convert.batching import split_by_bytes
+from megatron_dsv3.convert.hf_config import hf_config_from_preset
 from megatron_dsv3.convert.hf_layout import INDEX
 from megatron_dsv3.convert.hf_source import generation_config as generation_config_of
 from megatron_dsv3.convert.output_dir import partial_output

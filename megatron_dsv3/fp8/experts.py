@@ -35,7 +35,7 @@ from megatron_dsv3.fp8.quantize import BlockQuantized
 from megatron_dsv3.fp8.segments import TOKEN_SOURCES, set_current_segments
 from megatron_dsv3.model.grouped_experts import GroupedExperts
 from megatron_dsv3.model.grouped_gemm import GroupedLinear, grouped_linear
-from megatron_dsv3.model.wgrad import WGRAD, _accumulate
+from megatron_dsv3.model.wgrad import WGRAD
 
 
 class FP8SequentialMLP(SequentialMLP):
@@ -170,12 +170,7 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
                     grad[e] = plan.gemm(_columns(dy_q, start, stop), _columns(x_q, start, stop), torch.float32)
             return grad.to(weight.dtype)
 
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            if WGRAD.deferring:
-                WGRAD.put(lambda: _accumulate(weight, compute()))
-            else:
-                grad_weight = compute()
+        grad_weight = WGRAD.weight_gradient(weight, compute) if ctx.needs_input_grad[1] else None
         return grad_input, grad_weight, None, None, None, None
 
 

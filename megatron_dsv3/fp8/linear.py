@@ -30,14 +30,13 @@ from __future__ import annotations
 import torch
 from megatron.core.tensor_parallel.mappings import _gather_along_first_dim, _reduce_scatter_along_first_dim
 
-from megatron_dsv3.fp8.segments import current_segments
 from megatron_dsv3.fp8.plan import FP8Plan, plan_of
+from megatron_dsv3.fp8.segments import current_segments
 from megatron_dsv3.model.wgrad import (
     WGRAD,
     DeferrableColumnParallelLinear,
     DeferrableDuplicatedLinear,
     DeferrableRowParallelLinear,
-    _accumulate,
 )
 
 
@@ -105,12 +104,7 @@ class _FP8Linear(torch.autograd.Function):
             rows = total.reshape(-1, total.shape[-1])
             return weight_grad(plan, dy, rows, segments, name).to(weight.dtype)
 
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            if WGRAD.deferring:
-                WGRAD.put(lambda: _accumulate(weight, compute()))
-            else:
-                grad_weight = compute()
+        grad_weight = WGRAD.weight_gradient(weight, compute) if ctx.needs_input_grad[1] else None
         grad_bias = dy.sum(dim=0) if ctx.use_bias else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 

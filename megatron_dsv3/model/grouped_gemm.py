@@ -45,7 +45,7 @@ from megatron.core.tensor_parallel.layers import (
 
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.model.backends import grouped_mm_status
-from megatron_dsv3.model.wgrad import WGRAD, _accumulate
+from megatron_dsv3.model.wgrad import WGRAD
 
 _WARNED: set = set()
 
@@ -107,12 +107,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
             grad = torch.nn.functional.grouped_mm(dy.t(), x, offs=offsets)
             return zero_empty_experts(grad, tokens_per_expert)
 
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            if WGRAD.deferring:
-                WGRAD.put(lambda: _accumulate(weight, weight_grad()))
-            else:
-                grad_weight = weight_grad()
+        grad_weight = WGRAD.weight_gradient(weight, weight_grad) if ctx.needs_input_grad[1] else None
         return grad_input, grad_weight, None, None
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 

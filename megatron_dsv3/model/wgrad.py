@@ -62,6 +62,14 @@ class WeightGradQueue:
         """Queue ``work`` (it gives a weight its gradient later); the module returns no weight gradient."""
         self._current.append(work)
 
+    def weight_gradient(self, weight: torch.nn.Parameter, compute: Callable[[], torch.Tensor]):
+        """What a backward returns for ``weight``: ``compute()`` now, or None inside a deferring
+        backward, with ``compute`` queued to give ``weight`` its gradient at the ``W``."""
+        if self.deferring and weight.requires_grad:
+            self.put(lambda: _accumulate(weight, compute()))
+            return None
+        return compute()
+
     def withholds(self, param: torch.nn.Parameter) -> bool:
         """Whether ``param``'s gradient is being withheld: inside a deferring backward, a weight that
         autograd reaches without a gradient is one whose GEMM went into this queue (whatever queues
@@ -125,11 +133,7 @@ class _LinearWithDeferrableWgrad(torch.autograd.Function):
             return go.t().matmul(total.reshape(-1, total.shape[-1]))
 
         grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(dim=0) if ctx.use_bias else None
-        if WGRAD.deferring and weight.requires_grad:
-            WGRAD.put(lambda: _accumulate(weight, weight_grad()))
-            grad_weight = None
-        else:
-            grad_weight = weight_grad()
+        grad_weight = WGRAD.weight_gradient(weight, weight_grad)
         return grad_input, grad_weight, grad_bias, None, None, None
 
 

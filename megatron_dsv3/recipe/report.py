@@ -14,8 +14,8 @@ from megatron_dsv3.model.accounting import count
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.parallel.placement import placement_for
 from megatron_dsv3.recipe.check import validate_recipe
-from megatron_dsv3.recipe.schedule import schedule_options
 from megatron_dsv3.recipe.memory import estimate_memory
+from megatron_dsv3.recipe.schedule import schedule_options
 from megatron_dsv3.recipe.sizes import global_batch, num_microbatches
 
 

@@ -15,8 +15,8 @@ from typing import Callable
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.parallel.layout import DEEPSEEK_SCHEDULES, ParallelLayout
 from megatron_dsv3.pipeline.constraints import ResolvedOptions, decide_options
-from megatron_dsv3.pipeline.simulator import PAIRS_OVERLAP
 from megatron_dsv3.pipeline.costs import Machine, ModelCosts, ReductionCosts, model_costs, reduction_costs
+from megatron_dsv3.pipeline.simulator import PAIRS_OVERLAP
 from megatron_dsv3.recipe.sizes import num_microbatches, parallel_layout
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+
 from megatron_dsv3.errors import ConfigError
 from megatron_dsv3.fp8.plan import FP8_BACKENDS
 from megatron_dsv3.fp8.recipes import BLOCK_KINDS, MOMENTS, OPTIONAL_BF16, RECIPES, SCALES, FP8Recipe, named_recipe

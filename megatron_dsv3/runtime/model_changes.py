@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from megatron_dsv3.fp8.segments import TOKEN_SOURCES
 from megatron_dsv3.fp8.plan import plan_of
+from megatron_dsv3.fp8.segments import TOKEN_SOURCES
 from megatron_dsv3.fp8.te import float8_block_scaling
 from megatron_dsv3.runtime.registry import megatron_change, original, replace
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 
-
 from megatron_dsv3.parallel.layout import ParallelLayout
 from megatron_dsv3.testing import parallel
 from megatron_dsv3.testing.distributed import run_distributed
+
 
 def _run(workdir, name, layout, preset, tokens, micro_batch_size, extra_args, reference):
     parallel.init_parallel(layout, preset=preset)
