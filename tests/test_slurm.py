@@ -146,3 +146,26 @@ def test_a_job_given_fewer_nodes_than_its_script_is_refused_before_training(jobs
     assert "the job has 1 node(s) but its script is written for 2" in log
     assert "Fix:" in log and "refused before training" in log
     assert not (c / "run" / "metrics.jsonl").exists()
+
+
+def _workers() -> list[int]:
+    """The training workers on this machine (torchrun's children, not torchrun or srun)."""
+    table = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [int(line.split()[0]) for line in table
+            if "megatron_dsv3.cli train" in line and "torch.distributed.run" not in line and "srun" not in line]
+
+
+def test_a_crashed_worker_fails_the_job_instead_of_hanging_it(jobs, cluster, tmp_path):
+    """A worker killed mid-run (as the OOM killer would) ends the whole job, FAILED, within torchrun's
+    shutdown grace: the other node's worker, blocked in a collective, is stopped rather than waiting."""
+    d = tmp_path / "crashed"
+    job_id = cluster.submit(_script(d), _env())
+    _wait_for_step(d, 2, job_id, cluster)
+    workers = _workers()
+    assert workers, "no training worker found"
+    subprocess.run(["kill", "-KILL", str(workers[0])], check=True)
+    job = cluster.wait(job_id, timeout=400)
+    log = _log(d, job_id)
+    assert job["JobState"] == "FAILED", log[-3000:]
+    assert "training ended (exit" in log and f"[megatron-dsv3] step {STEPS}/{STEPS}" not in log
+    assert not _workers(), "a worker outlived its job"
