@@ -27,5 +27,7 @@ PY=$(find_python)
 # A regular (non-editable) install: it also puts megatron-dsv3.pth, the start-up hook, into
 # site-packages.  constraints.txt pins the versions this release is tested with.
 .venv/bin/python -m pip install --quiet --constraint constraints.txt ".[test]"
-.venv/bin/megatron-dsv3 hook status | grep -q "installed: True"
+# Read the whole status before matching (grep -q would close the pipe at the first match).
+hook_status=$(.venv/bin/megatron-dsv3 hook status)
+grep -q "installed: True" <<<"$hook_status"
 echo "megatron-dsv3 installed in $(pwd)/.venv ($(.venv/bin/python --version))"

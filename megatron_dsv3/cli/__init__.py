@@ -13,6 +13,8 @@ handler imports the heavy layers (torch, Megatron) when it runs.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from megatron_dsv3 import __version__
@@ -84,3 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"megatron-dsv3: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`| head`, `| grep -q`): stop quietly, as a Unix tool does on SIGPIPE,
+        # and keep Python's exit-time flush from raising again on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
