@@ -33,6 +33,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,8 +42,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WHEELS = ROOT / ".whl"
 CARRY_LIMIT = 64 * 2**20
-# What the GPU machine lacks (it has torch, numpy, packaging, pyyaml, sentencepiece, psutil, safetensors).
-DOWNLOADS = ["megatron-core==0.19.2", "pytest==8.4.2", "pluggy==1.6.0", "iniconfig==2.3.0"]
+# What the GPU machine has, and what it lacks (carried).
+ON_THE_MACHINE = {"torch", "numpy", "packaging", "pyyaml", "sentencepiece", "psutil", "safetensors"}
+DOWNLOADS = ["megatron-core==0.19.2", "pytest==8.4.2", "pluggy==1.6.0", "iniconfig==2.3.0", "pygments==2.19.2"]
 BUDGET_S = 470  # the whole run, install included: under 8 minutes
 
 # (name, seconds allowed, command after `python3`, JSON it writes or None)
@@ -73,6 +75,31 @@ def build_wheels() -> list[pathlib.Path]:
     return sorted(WHEELS.glob("*.whl"))
 
 
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def unmet_requirements(wheels: list[pathlib.Path]) -> list[str]:
+    """Each carried wheel's unconditional ``Requires-Dist`` that no carried wheel and the machine do not give."""
+    import zipfile
+
+    have = {_normalise(n) for n in ON_THE_MACHINE} | {_normalise(w.name.split("-")[0]) for w in wheels}
+    unmet = set()
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as z:
+            meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            for line in z.read(meta).decode().splitlines():
+                if line.startswith("Requires-Dist:") and "extra ==" not in line:
+                    requirement = line.split(":", 1)[1].split(";")[0].strip()
+                    marker = line.split(";", 1)[1] if ";" in line else ""
+                    if "python_version <" in marker or "sys_platform == \"win32\"" in marker:
+                        continue  # not on Python 3.12 / Linux
+                    name = _normalise(re.split(r"[ <>=!~\[(]", requirement, maxsplit=1)[0])
+                    if name not in have:
+                        unmet.add(f"{name} (for {wheel.name.split('-')[0]})")
+    return sorted(unmet)
+
+
 def plan() -> int:
     wheels = build_wheels()
     total = sum(w.stat().st_size for w in wheels)
@@ -80,7 +107,10 @@ def plan() -> int:
     for w in wheels:
         print(f"  {w.stat().st_size / 2**20:7.2f} MiB  {w.name}")
     ok = total < CARRY_LIMIT
-    print(f"  {total / 2**20:7.2f} MiB  in all (limit 64 MiB: {'ok' if ok else 'TOO LARGE'})\n")
+    print(f"  {total / 2**20:7.2f} MiB  in all (limit 64 MiB: {'ok' if ok else 'TOO LARGE'})")
+    unmet = unmet_requirements(wheels)
+    print(f"  requirements neither carried nor on the machine: {', '.join(unmet) if unmet else 'none'}\n")
+    ok = ok and not unmet
     print(f"On the GPU machine, within {BUDGET_S} s (each step a process with its own time limit):")
     print("  install    5 s  unpack the wheels into a temporary folder, on PYTHONPATH for every step")
     for name, limit, argv, _ in STEPS:

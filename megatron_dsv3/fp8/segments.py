@@ -9,7 +9,10 @@ handed to the experts' FP8 GEMMs as *segments*, and tiles restart at every segme
 gradient is then the sum of per-source GEMMs, the same as one process computing each micro-batch
 on its own.  Sources that are tensor-parallel shards of one rank's sequence (``ETP > 1`` with
 ``EP = 1``) are contiguous token order and form a single segment; with ``EP > 1`` and ``ETP > 1``
-together every (ETP, EP) source is its own segment.
+together every (ETP, EP) source is its own segment when a rank holds several experts.  With one
+local expert there, Megatron keeps no per-(ETP, EP) counts (``num_global_tokens_per_local_expert``
+is stored only for several local experts, ``token_dispatcher.py``), so the expert's tokens are one
+segment: a valid 1x128 tiling, but not the single-process run's tiles bit for bit.
 """
 
 from __future__ import annotations

@@ -25,10 +25,11 @@ Details that bite (PyTorch's ``aten/src/ATen/native/GroupedMMUtils.h``; pytorch#
 * offsets are int32 on the operands' device; leading strides must be multiples of 16 bytes, and a
   stride-0 gradient (``y.sum().backward()``) is refused ("Invalid strides/sizes"), so the incoming
   gradient is made contiguous;
-* the weight gradient of an expert that received no tokens must be zero; Blackwell's kernel has
-  been seen to leave garbage there, so empty experts' gradients are zeroed explicitly;
+* the weight gradient of an expert that received no tokens must be zero; the CUDA kernels allocate
+  the output uninitialised and write no block for an empty group (SM90's and SM100's alike), so
+  empty experts' gradients are zeroed explicitly;
 * ``grouped_mm`` is public from PyTorch 2.10 and runs fp32 and bf16 on the CPU; on a GPU its fast
-  kernels take bf16 on SM90/SM100 (other dtypes or GPUs take PyTorch's per-group loop, said once
+  kernels take bf16 on SM 9.0/10.0 (other dtypes or GPUs take PyTorch's per-group loop, said once
   in a warning); where it is missing the experts refuse to build (:func:`require_grouped_mm`).
 """
 
@@ -65,7 +66,7 @@ def _warn_slow_path_once(x: torch.Tensor) -> None:
         return
     capability = torch.cuda.get_device_capability(x.device)
     key = (capability, x.dtype)
-    if key in _WARNED or (x.dtype == torch.bfloat16 and capability[0] in (9, 10)):
+    if key in _WARNED or (x.dtype == torch.bfloat16 and tuple(capability) in ((9, 0), (10, 0))):
         return
     _WARNED.add(key)
     warnings.warn(f"megatron-dsv3: grouped experts in {x.dtype} on compute capability {capability[0]}.{capability[1]}"
