@@ -273,3 +273,28 @@ def test_cpu_streams_are_current_as_cuda_streams_are():
             assert isinstance(pipeline_utils.get_comm_stream(), torch.cuda.Stream)
         finally:
             pipeline_utils._COMM_STREAM = saved
+
+
+def _gather_uneven() -> list:
+    """Each rank gathers pieces of 3 and 5 rows (rank r's rows hold r), as expert tensor parallelism does."""
+    import os
+
+    import megatron_dsv3.cpu as cpu_module
+
+    rank = int(os.environ["RANK"])
+    cpu_module.enable_cpu_mode()
+    torch.distributed.init_process_group("gloo")
+    sizes = [3, 5]
+    piece = torch.full((sizes[rank], 2), float(rank))
+    out = [torch.empty(n, 2) for n in sizes]
+    torch.distributed.all_gather(out, piece)
+    return out
+
+
+def test_an_all_gather_of_uneven_pieces_on_gloo_gives_what_nccl_gives():
+    """Megatron's ETP dispatcher gathers token pieces of different sizes; gloo alone refuses them."""
+    from megatron_dsv3.testing.distributed import run_distributed
+
+    for out in run_distributed(_gather_uneven, 2):
+        assert [tuple(t.shape) for t in out] == [(3, 2), (5, 2)]
+        assert torch.equal(out[0], torch.zeros(3, 2)) and torch.equal(out[1], torch.ones(5, 2))

@@ -209,29 +209,6 @@ class _DropForkWarning(logging.Filter):
 
 
 @megatron_change(
-    targets=["torch.distributed.all_to_all_single"],
-    versions="megatron-core 0.19.x with torch <= 2.14 (gloo)",
-    fixed_upstream_when="gloo's all_to_all_single accepts split sizes given as tensors",
-)
-def gloo_all_to_all_takes_split_lists():
-    """Split sizes given to ``all_to_all_single`` as tensors become Python lists.
-
-    Megatron's all-to-all token dispatcher passes the per-rank token counts of expert parallelism
-    as tensors (NCCL accepts them); the gloo backend needs lists of ints.
-    """
-    all_to_all_single = original("torch.distributed.all_to_all_single")
-
-    def all_to_all_single_with_lists(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
-        if isinstance(output_split_sizes, torch.Tensor):
-            output_split_sizes = output_split_sizes.tolist()
-        if isinstance(input_split_sizes, torch.Tensor):
-            input_split_sizes = input_split_sizes.tolist()
-        return all_to_all_single(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
-
-    replace("torch.distributed.all_to_all_single", all_to_all_single_with_lists)
-
-
-@megatron_change(
     targets=["megatron.training.training.initialize_megatron"],
     versions="megatron-core 0.19.x (megatron/training)",
     fixed_upstream_when="pretrain() lets a caller pass allow_no_cuda to initialize_megatron",

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 
-from megatron_dsv3.runtime import cpu_changes, cpu_cuda_changes
+from megatron_dsv3.runtime import cpu_changes, cpu_cuda_changes, cpu_gloo_changes
 from megatron_dsv3.runtime.registry import apply_changes, changes_in, revert_changes
 
 # The modules defining the ``cpu`` group (the catalog lists them from here).
-CPU_CHANGE_MODULES = (cpu_changes, cpu_cuda_changes)
+CPU_CHANGE_MODULES = (cpu_changes, cpu_cuda_changes, cpu_gloo_changes)
 
 _state = {"enabled": False}
 
