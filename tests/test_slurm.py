@@ -168,4 +168,8 @@ def test_a_crashed_worker_fails_the_job_instead_of_hanging_it(jobs, cluster, tmp
     log = _log(d, job_id)
     assert job["JobState"] == "FAILED", log[-3000:]
     assert "training ended (exit" in log and f"[megatron-dsv3] step {STEPS}/{STEPS}" not in log
+    # A worker follows its torchrun (parent-death signal); its data-loader processes follow it within seconds.
+    end = time.monotonic() + 30
+    while _workers() and time.monotonic() < end:
+        time.sleep(1)
     assert not _workers(), "a worker outlived its job"

@@ -28,7 +28,7 @@ from megatron_dsv3.parallel.placement import default_schedule
 from megatron_dsv3.recipe import load_recipe
 from megatron_dsv3.recipe.sizes import parallel_layout
 from megatron_dsv3.train.checkpoints import FolderLock, resume_step, step_folder
-from megatron_dsv3.train.processes import die_with_parent, free_port
+from megatron_dsv3.train.processes import die_with_parent, follow_parent, free_port
 
 DEFAULT_RECIPE = "dsv3-tiny-cpu"
 _ALWAYS_SHOWN = ("Traceback", "Error", "error:", "validation loss at", "test loss at")
@@ -226,6 +226,7 @@ def run_under_torchrun(train_plan: TrainPlan) -> None:
     # lazy: the worker imports Megatron's training code; the launcher that only starts workers must not.
     from megatron_dsv3.train import worker
 
+    follow_parent()  # a worker never outlives its torchrun
     resume = _resume_plan(train_plan)
     if resume is not None and os.environ.get("RANK") == "0":
         for line in (resume.schedule_line(), resume.layout_line()):

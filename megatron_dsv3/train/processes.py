@@ -29,9 +29,24 @@ def die_with_parent(sig: int = signal.SIGTERM):
     parent = os.getpid()
 
     def set_parent_death_signal() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sig)
+        _on_parent_death(sig, parent)
 
     return set_parent_death_signal
+
+
+def follow_parent(sig: int = signal.SIGKILL) -> None:
+    """This process gets ``sig`` when its parent dies (Linux; elsewhere nothing).
+
+    For a worker under torchrun: torchrun stops its workers itself when it is asked to, but if it is
+    killed (Slurm kills a job step's launcher first) a worker blocked in a collective with a dead peer
+    would otherwise live on, orphaned, until the collective times out.
+    """
+    if sys.platform.startswith("linux"):
+        _on_parent_death(sig, os.getppid())
+
+
+def _on_parent_death(sig: int, parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)
