@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 import tempfile
@@ -75,28 +74,29 @@ def build_wheels() -> list[pathlib.Path]:
     return sorted(WHEELS.glob("*.whl"))
 
 
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def unmet_requirements(wheels: list[pathlib.Path]) -> list[str]:
-    """Each carried wheel's unconditional ``Requires-Dist`` that no carried wheel and the machine do not give."""
+    """Each carried wheel's ``Requires-Dist`` (markers evaluated for Python 3.12 on Linux, no extras) that
+    neither a carried wheel nor the machine gives."""
     import zipfile
 
-    have = {_normalise(n) for n in ON_THE_MACHINE} | {_normalise(w.name.split("-")[0]) for w in wheels}
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    have = {canonicalize_name(n) for n in ON_THE_MACHINE} | {canonicalize_name(w.name.split("-")[0]) for w in wheels}
+    environment = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
+                   "platform_system": "Linux", "extra": ""}
     unmet = set()
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as z:
             meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
             for line in z.read(meta).decode().splitlines():
-                if line.startswith("Requires-Dist:") and "extra ==" not in line:
-                    requirement = line.split(":", 1)[1].split(";")[0].strip()
-                    marker = line.split(";", 1)[1] if ";" in line else ""
-                    if "python_version <" in marker or "sys_platform == \"win32\"" in marker:
-                        continue  # not on Python 3.12 / Linux
-                    name = _normalise(re.split(r"[ <>=!~\[(]", requirement, maxsplit=1)[0])
-                    if name not in have:
-                        unmet.add(f"{name} (for {wheel.name.split('-')[0]})")
+                if not line.startswith("Requires-Dist:"):
+                    continue
+                requirement = Requirement(line.split(":", 1)[1].strip())
+                if requirement.marker is not None and not requirement.marker.evaluate(environment):
+                    continue
+                if canonicalize_name(requirement.name) not in have:
+                    unmet.add(f"{requirement.name} (for {wheel.name.split('-')[0]})")
     return sorted(unmet)
 
 

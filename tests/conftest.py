@@ -50,21 +50,11 @@ def fresh_moe_metrics_tracker():
 @pytest.fixture(scope="session")
 def megatron_single_process():
     """The plugin active, CPU mode, and a one-rank gloo world with Megatron's parallel state (TP = PP = EP = 1)."""
-    import torch
-
     from megatron_dsv3.cpu import enable_cpu_mode
     from megatron_dsv3.runtime.activation import activate
-    from megatron_dsv3.train.processes import free_port
+    from megatron_dsv3.testing.distributed import join_one_rank_world
 
     activate(source="tests")
     enable_cpu_mode()
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    if not torch.distributed.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
+    join_one_rank_world("gloo")
     yield

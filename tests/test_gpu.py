@@ -8,8 +8,6 @@ the emulation on the same FP8 codes, real CUDA streams for Megatron's communicat
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -19,20 +17,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 @pytest.fixture(scope="module")
 def gpu_process():
     """One NCCL rank with Megatron's parallel state (TP = PP = EP = 1), the plugin active."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     from megatron_dsv3.runtime.activation import activate
-    from megatron_dsv3.train.processes import free_port
+    from megatron_dsv3.testing.distributed import join_one_rank_world
 
     activate(source="gpu tests")
     torch.cuda.set_device(0)
-    if not torch.distributed.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
+    join_one_rank_world("nccl")
     yield
 
 

@@ -73,3 +73,17 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 900, **kwargs) 
         if errors:
             raise RuntimeError("distributed run failed\n" + "\n".join(errors))
         return results
+
+
+def join_one_rank_world(backend: str, seed: int = 1234) -> None:
+    """This process as a one-rank world (``backend``: gloo on CPU, nccl on a GPU), with Megatron's
+    parallel state at TP = PP = EP = 1 and its model-parallel RNG seeded; what is already set up is kept."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not torch.distributed.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+        torch.distributed.init_process_group(backend, rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(seed)
